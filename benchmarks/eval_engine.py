@@ -1,0 +1,99 @@
+"""Speed and memory of the metrics engine against the bare similarity matmul.
+
+Clustered random data (class centres plus Gaussian noise, L2-normalised), then in one process
+and with the same thread count: the bare query × gallery matmul walked in gallery chunks, and
+full-ranking mAP + CMC@1,5 through ``compatkit.eval.retrieval_metrics``. Goals: ratio <= 3x,
+peak RSS < 4 GiB.
+
+    PYTHONPATH=src python benchmarks/eval_engine.py            # 10k x 100k, d=128
+    PYTHONPATH=src python benchmarks/eval_engine.py --nq 100000 --exclude-self
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import numpy as np
+import torch
+
+from compatkit.eval.metrics import retrieval_metrics
+
+
+def clustered(n: int, centres: np.ndarray, noise: float, rng: np.random.Generator):
+    """(n, d) float32 points around random class centres, and their int64 labels."""
+    labels = rng.integers(0, centres.shape[0], n)
+    x = centres[labels] + noise * rng.standard_normal((n, centres.shape[1]), dtype=np.float32)
+    return x.astype(np.float32), labels.astype(np.int64)
+
+
+def bare_matmul_seconds(q: torch.Tensor, g: torch.Tensor, chunk: int) -> float:
+    """Time of the (nq, ng) similarity matmul, gallery chunk by chunk into one buffer."""
+    q = torch.nn.functional.normalize(q, dim=1)
+    g = torch.nn.functional.normalize(g, dim=1)
+    buf = torch.empty(q.shape[0], chunk)
+    t0 = time.perf_counter()
+    for start in range(0, g.shape[0], chunk):
+        part = g[start : start + chunk]
+        torch.matmul(q, part.T, out=buf[:, : part.shape[0]])
+    return time.perf_counter() - t0
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nq", type=int, default=10_000)
+    p.add_argument("--ng", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--noise", type=float, default=1.6, help="per-coordinate noise std")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--chunk-size", type=int, default=4096)
+    p.add_argument("--query-block", type=int, default=2048)
+    p.add_argument("--exclude-self", action="store_true", help="queries = gallery (needs nq=ng)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    rng = np.random.default_rng(args.seed)
+    centres = rng.standard_normal((args.classes, args.dim), dtype=np.float32)
+    g, gl = clustered(args.ng, centres, args.noise, rng)
+    if args.exclude_self:
+        q, ql = g, gl
+    else:
+        q, ql = clustered(args.nq, centres, args.noise, rng)
+    rss_data = peak_rss_gib()
+
+    t_mm = bare_matmul_seconds(torch.from_numpy(q), torch.from_numpy(g), args.chunk_size)
+    t0 = time.perf_counter()
+    result = retrieval_metrics(
+        q, ql, g, gl,
+        metrics=("map", "cmc@1", "cmc@5"),
+        exclude_self=args.exclude_self,
+        chunk_size=args.chunk_size,
+        query_block=args.query_block,
+    )
+    t_eval = time.perf_counter() - t0
+    rows = [
+        ("queries x gallery, d", f"{q.shape[0]} x {g.shape[0]}, {args.dim}"),
+        ("threads / chunk / query block", f"{args.threads} / {args.chunk_size} / "
+                                          f"{args.query_block}"),
+        ("bare matmul (s)", f"{t_mm:.2f}"),
+        ("mAP + CMC@1,5 (s)", f"{t_eval:.2f}"),
+        ("ratio (goal <= 3x)", f"{t_eval / t_mm:.2f}x"),
+        ("peak RSS after data (GiB)", f"{rss_data:.2f}"),
+        ("peak RSS (GiB, goal < 4)", f"{peak_rss_gib():.2f}"),
+        *[(name, f"{value:.4f}") for name, value in result.items()],
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'quantity':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
+    for name, value in rows:
+        print(f"| {name:<{width}} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

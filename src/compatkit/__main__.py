@@ -1,0 +1,5 @@
+"""``python -m compatkit`` runs the CLI (also under ``torchrun``)."""
+
+from compatkit.cli import main
+
+main()

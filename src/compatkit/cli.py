@@ -1,0 +1,199 @@
+"""``compatkit <verb>``: each command parses options, calls one library function and prints.
+
+User errors exit with status 2 and one line on stderr; ``--json`` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import numpy as np
+import typer
+
+from compatkit.errors import CompatkitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Upgrade the embedding model behind a retrieval system.")
+
+SetOpt = Annotated[list[str], typer.Option("--set", help="config override key.path=value",
+                                           rich_help_panel="Config")]
+
+
+def _out(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=None, sort_keys=False))
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML recipe")] = None,
+    out: Annotated[Path, typer.Option(help="run folder")] = Path("runs/train"),
+    method: Annotated[str | None, typer.Option(help="method name (see `compatkit methods`)",
+                                               rich_help_panel="Config")] = None,
+    old_model: Annotated[Path | None, typer.Option(help="old model artifact or run folder",
+                                                   rich_help_panel="Config")] = None,
+    set_: SetOpt = [],  # noqa: B006 - typer needs a literal default
+    resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
+) -> None:
+    """Train one model (old, independent or compatible) from a recipe and overrides."""
+    from compatkit.train.config import load_config
+    from compatkit.train.loop import train as run_training
+
+    overrides = list(set_)
+    if method:
+        overrides.insert(0, f"method.name={method}")
+    if old_model:
+        overrides.append(f"old_model={_artifact_dir(old_model)}")
+    cfg = load_config(config, overrides)
+    result = run_training(cfg, out, resume=resume)
+    _out({"run_dir": str(result.run_dir), "artifact": str(result.artifact_dir),
+          "model_version": result.manifest.model_version, "metrics": result.metrics})
+
+
+@app.command()
+def embed(
+    model: Annotated[Path, typer.Option(help="model artifact or run folder")],
+    out: Annotated[Path, typer.Option(help="features file to write (.safetensors)")],
+    dataset: Annotated[str | None, typer.Option(help="dataset (default: the model's own)")] = None,
+    root: Annotated[str | None, typer.Option(help="dataset root")] = None,
+    part: Annotated[str, typer.Option(help="test | train | all")] = "test",
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+) -> None:
+    """Embed a dataset part with a model → features file with labels and the model's manifest."""
+    from compatkit.artifacts import read_manifest, save_features
+    from compatkit.inference import embed_artifact
+    from compatkit.train.config import DataConfig
+
+    artifact = _artifact_dir(model)
+    data = None
+    if dataset is not None or root is not None:
+        base = dict(read_manifest(artifact).config.get("data", {}))
+        if dataset is not None:
+            base.update(name=dataset, options={})
+        if root is not None:
+            base["root"] = root
+        data = DataConfig.model_validate(base)
+    fs = embed_artifact(artifact, data=data, part=part, device=device)
+    save_features(out, fs)
+    _out({"features": str(out), "count": int(fs.features.shape[0]),
+          "dim": int(fs.features.shape[1]), "model_version": fs.manifest.model_version})
+
+
+@app.command("eval")
+def eval_(
+    query_features: Annotated[Path, typer.Option(help=".npy (nq, d) or a features file")],
+    gallery_features: Annotated[Path, typer.Option(help=".npy (ng, d) or a features file")],
+    query_labels: Annotated[Path | None, typer.Option(help=".npy (nq,)")] = None,
+    gallery_labels: Annotated[Path | None, typer.Option(help=".npy (ng,)")] = None,
+    metrics: Annotated[str, typer.Option(help="comma-separated: map,cmc@1,map@r,map@100,...")] = (
+        "map,cmc@1,cmc@5"),
+    distance: Annotated[str, typer.Option(help="cosine | l2")] = "cosine",
+    exclude_self: Annotated[bool, typer.Option(
+        help="query i and gallery i are the same item (leave-one-out)")] = False,
+    chunk_size: Annotated[int, typer.Option(help="gallery rows scored at once")] = 4096,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Retrieval metrics of query features against gallery features (features made anywhere)."""
+    from compatkit.eval.metrics import retrieval_metrics
+
+    q, ql = _load_side(query_features, query_labels, "query")
+    g, gl = _load_side(gallery_features, gallery_labels, "gallery")
+    names = [m.strip() for m in metrics.split(",") if m.strip()]
+    result = retrieval_metrics(q, ql, g, gl, metrics=names, distance=distance,
+                               exclude_self=exclude_self, chunk_size=chunk_size)
+    if as_json:
+        _out(result)
+    else:
+        for name, value in result.items():
+            typer.echo(f"{name}\t{value:.6f}")
+
+
+@app.command()
+def demo(
+    dataset: Annotated[str, typer.Option(help="any dataset the loaders know")] = "synthetic",
+    root: Annotated[str | None, typer.Option(help="dataset root (real datasets)")] = None,
+    out: Annotated[Path, typer.Option(help="run folder")] = Path("runs/demo"),
+    set_: SetOpt = [],  # noqa: B006
+    progress: Annotated[bool, typer.Option(help="show training progress bars")] = True,
+) -> None:
+    """Train an old model and new models (independent, l2, bct) and print the compatibility
+    matrix; writes report.md, metrics.json and plots into the run folder."""
+    from compatkit.demo import run_demo
+
+    result = run_demo(dataset, root, out, overrides=set_, progress=progress)
+    typer.echo(result.report.read_text())
+    typer.echo(f"report: {result.report}")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods, one per line, name first."""
+    from compatkit.methods import METHODS
+
+    for name, summary in METHODS.describe():
+        typer.echo(f"{name}\t{summary}")
+
+
+@app.command()
+def datasets() -> None:
+    """List the registered datasets, one per line, name first."""
+    from compatkit.data import list_datasets
+
+    for name, summary in list_datasets():
+        typer.echo(f"{name}\t{summary}")
+
+
+def _artifact_dir(path: Path) -> Path:
+    """Accept a run folder (holding ``model/``) or the artifact folder itself."""
+    if (path / "model" / "manifest.json").is_file():
+        return path / "model"
+    if (path / "manifest.json").is_file():
+        return path
+    raise CompatkitError(f"{path} is neither a model artifact nor a run folder with model/")
+
+
+def _load_side(features: Path, labels: Path | None, side: str) -> tuple[np.ndarray, np.ndarray]:
+    if features.suffix == ".safetensors":
+        from compatkit.artifacts import load_features
+
+        fs = load_features(features)
+        lab = fs.labels if labels is None else _load_npy(labels, f"{side} labels")
+        return fs.features, lab
+    if labels is None:
+        raise CompatkitError(f"--{side}-labels is required with a .npy {side} features file")
+    return _load_npy(features, f"{side} features"), _load_npy(labels, f"{side} labels")
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise CompatkitError(f"{what} file {path} does not exist")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise CompatkitError(f"cannot read {what} from {path}: {err}") from None
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except (CompatkitError, ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

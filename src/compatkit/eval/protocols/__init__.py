@@ -1,0 +1,80 @@
+"""The field's benchmark protocols: official ground-truth loaders plus their metrics.
+
+GLDv2 retrieval (Kaggle mAP@100), revisited Oxford/Paris (trapezoid AP, Easy/Medium/Hard,
+mP@k) and IJB-C style 1:1 verification (template averaging, TAR@FAR). Ranking goes through
+``compatkit.eval.retrieval.knn``; the metric functions take plain rankings or scores.
+"""
+
+from compatkit.eval.protocols.gldv2 import (
+    GLDv2GroundTruth,
+    evaluate_gldv2,
+    gldv2_map_at_k,
+    kaggle_average_precision,
+    load_gldv2,
+    read_gldv2_ids,
+    read_gldv2_solution,
+)
+from compatkit.eval.protocols.revisitop import (
+    PROTOCOLS,
+    ProtocolSets,
+    RevisitopGroundTruth,
+    RevisitopScores,
+    crop_queries,
+    evaluate_revisitop,
+    load_revisitop,
+    ranked_positions,
+    revisitop_precision_at_k,
+    revisitop_scores,
+    trapezoid_ap,
+)
+from compatkit.eval.protocols.verification import (
+    DEFAULT_FARS,
+    OperatingPoint,
+    TemplateFeatures,
+    TemplateMedia,
+    TemplatePairs,
+    evaluate_verification,
+    far_label,
+    operating_point_at_far,
+    read_template_media,
+    read_template_pairs,
+    tar_at_far,
+    tar_at_threshold,
+    template_features,
+    verification_scores,
+)
+
+__all__ = [
+    "DEFAULT_FARS",
+    "PROTOCOLS",
+    "GLDv2GroundTruth",
+    "OperatingPoint",
+    "ProtocolSets",
+    "RevisitopGroundTruth",
+    "RevisitopScores",
+    "TemplateFeatures",
+    "TemplateMedia",
+    "TemplatePairs",
+    "crop_queries",
+    "evaluate_gldv2",
+    "evaluate_revisitop",
+    "evaluate_verification",
+    "far_label",
+    "gldv2_map_at_k",
+    "kaggle_average_precision",
+    "load_gldv2",
+    "load_revisitop",
+    "operating_point_at_far",
+    "ranked_positions",
+    "read_gldv2_ids",
+    "read_gldv2_solution",
+    "read_template_media",
+    "read_template_pairs",
+    "revisitop_precision_at_k",
+    "revisitop_scores",
+    "tar_at_far",
+    "tar_at_threshold",
+    "template_features",
+    "trapezoid_ap",
+    "verification_scores",
+]

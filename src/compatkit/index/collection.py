@@ -1,0 +1,525 @@
+"""A collection: items with an id, an optional source, JSON metadata and their vectors.
+
+``Collection`` is a light handle (name + store); every method reads or writes the store in one
+transaction. While an upgrade from ``vA`` to ``vB`` is under way, an item added or replaced gets
+every vector the upgrade needs at once: its ``current`` vector in the serving version, plus its
+``previous`` vector in ``vA`` (so a rollback keeps it) or its ``next`` vector in ``vB`` (so a
+cold switch includes it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from compatkit.errors import IncompatibleSpacesError, UnknownNameError
+from compatkit.index.errors import StateConflictError
+from compatkit.index.search import SearchResult, fetch_hits
+from compatkit.index.store import (
+    _relations,
+    _require_collection,
+    _require_version,
+    _version_map,
+    log_changes,
+)
+from compatkit.index.vectors import as_vectors, from_blob, to_blob
+from compatkit.index.versions import Relation, VersionInfo, can_search
+
+if TYPE_CHECKING:
+    from compatkit.index.store import IndexStore
+    from compatkit.index.upgrade import UpgradeStatus
+
+logger = logging.getLogger(__name__)
+
+MAX_ID_LENGTH = 512
+MAX_METADATA_BYTES = 64 * 1024
+MAX_K = 10_000
+_ADD_RETRIES = 5
+ACTIVE_STATES = ("running", "paused", "completed")
+
+Slot = Literal["current", "previous", "next"]
+
+
+@dataclass(frozen=True)
+class ItemInput:
+    """An item to add: an id, an optional source, metadata, and optionally a vector.
+
+    ``vector`` comes with ``version`` (default: the serving version). Without a vector, the
+    source is embedded by the serving version's embedder. ``side`` holds side-information
+    vectors by side-info version (for transformations that need them).
+    """
+
+    id: str
+    source: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    vector: Any = None
+    version: str | None = None
+    side: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class StoredVector:
+    """One of an item's vectors: its slot, version space, origin and (optionally) values."""
+
+    slot: Slot
+    version: str
+    transformed_from: str | None
+    vector: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    """A stored item with its vectors (``current`` first)."""
+
+    id: str
+    source: str | None
+    metadata: dict[str, Any]
+    revision: int
+    vectors: tuple[StoredVector, ...]
+    side_versions: tuple[str, ...] = ()
+
+    @property
+    def current(self) -> StoredVector:
+        """The vector searches use."""
+        return next(v for v in self.vectors if v.slot == "current")
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """How many items were inserted and how many replaced an item with the same id."""
+
+    added: int
+    replaced: int
+
+
+@dataclass(frozen=True)
+class CollectionStats:
+    """Counts of a collection: items, and current vectors per (version, transformed_from)."""
+
+    name: str
+    serving_version: str
+    index: str
+    items: int
+    current: dict[str, int]
+    kept_previous: int
+    pending_next: int
+    active_job: int | None
+
+
+@dataclass(frozen=True)
+class _WriteState:
+    """What decides which vectors an added item needs (re-checked inside the write)."""
+
+    serving: str
+    job: int | None
+    job_old: str | None
+    job_new: str | None
+    strategy: str | None
+    side_versions: tuple[str, ...]
+
+
+#: Markers in ``_Prepared.vectors`` for a vector still to embed or to transform.
+_EMBED = "<embed>"
+_TRANSFORM = "<transform>"
+_EMPTY = np.zeros(0, dtype=np.float32)
+
+
+@dataclass
+class _Prepared:
+    item: ItemInput
+    metadata: str
+    vectors: dict[str, tuple[str, str | None, np.ndarray]]  # slot -> (version, tf, vector)
+    side: dict[str, np.ndarray]
+
+
+class Collection:
+    """A handle on one collection of an ``IndexStore`` (cheap to create; holds no state)."""
+
+    def __init__(self, store: IndexStore, name: str) -> None:
+        self.store, self.name = store, name
+
+    def __repr__(self) -> str:
+        return f"Collection({self.name!r}, store={str(self.store.root)!r})"
+
+    # ------------------------------------------------------------------ reads
+
+    @property
+    def serving_version(self) -> str:
+        """The version queries are embedded in and new items are embedded with."""
+        with self.store.read() as con:
+            return _require_collection(con, self.name)[0]
+
+    def count(self) -> int:
+        """The number of items."""
+        with self.store.read() as con:
+            return int(con.execute("SELECT count(*) FROM items WHERE collection=?",
+                                   (self.name,)).fetchone()[0])
+
+    def get(self, item_id: str, *, with_vectors: bool = False) -> Item:
+        """The item ``item_id`` with its vectors' slots and versions (values if asked).
+
+        Raises:
+            UnknownNameError: no such item.
+        """
+        with self.store.read() as con:
+            _require_collection(con, self.name)
+            row = con.execute("SELECT key, source, metadata, revision FROM items "
+                              "WHERE collection=? AND id=?", (self.name, item_id)).fetchone()
+            if row is None:
+                raise UnknownNameError(f"collection {self.name!r} has no item {item_id!r}")
+            key = int(row[0])
+            dims = {v.name: v.dim for v in _version_map(con).values()}
+            vecs = con.execute("SELECT slot, version, transformed_from, data FROM vectors "
+                               "WHERE item=?", (key,)).fetchall()
+            sides = [r[0] for r in con.execute("SELECT version FROM side_vectors WHERE item=? "
+                                                "ORDER BY version", (key,))]
+        order = {"current": 0, "previous": 1, "next": 2}
+        vectors = tuple(sorted(
+            (StoredVector(slot, version, tf,
+                          from_blob(data, dims[version]) if with_vectors else None)
+             for slot, version, tf, data in vecs), key=lambda v: order[v.slot]))
+        return Item(item_id, row[1], json.loads(row[2]), int(row[3]), vectors, tuple(sides))
+
+    def list_ids(self, *, offset: int = 0, limit: int = 100) -> list[str]:
+        """Item ids in insertion order, ``limit`` of them from ``offset``."""
+        if offset < 0 or not 1 <= limit <= 10_000:
+            raise ValueError(f"offset must be >= 0 and limit in [1, 10000], got {offset}, {limit}")
+        with self.store.read() as con:
+            _require_collection(con, self.name)
+            rows = con.execute("SELECT id FROM items WHERE collection=? ORDER BY key "
+                               "LIMIT ? OFFSET ?", (self.name, limit, offset)).fetchall()
+        return [r[0] for r in rows]
+
+    def stats(self) -> CollectionStats:
+        """Item and vector counts, and the active upgrade job if any."""
+        with self.store.read() as con:
+            serving, options, _ = _require_collection(con, self.name)
+            items = con.execute("SELECT count(*) FROM items WHERE collection=?",
+                                (self.name,)).fetchone()[0]
+            rows = con.execute(
+                "SELECT v.slot, v.version, v.transformed_from, count(*) FROM vectors v "
+                "JOIN items i ON i.key = v.item WHERE i.collection=? "
+                "GROUP BY v.slot, v.version, v.transformed_from", (self.name,)).fetchall()
+            job = _active_job(con, self.name)
+        current = {(f"{v}<-{tf}" if tf else v): int(n) for s, v, tf, n in rows if s == "current"}
+        return CollectionStats(
+            self.name, serving, options.kind, int(items), current,
+            sum(int(n) for s, _, _, n in rows if s == "previous"),
+            sum(int(n) for s, _, _, n in rows if s == "next"),
+            None if job is None else int(job[0]))
+
+    # ------------------------------------------------------------------ search
+
+    def search(
+        self, vector: Any = None, *, version: str | None = None, source: str | bytes | None = None,
+        k: int = 10, with_metadata: bool = True,
+    ) -> SearchResult:
+        """Top-k over the whole collection for one query; each hit names the answering version.
+
+        Give either ``vector`` (with its ``version``; default the serving version) or a raw
+        ``source`` (embedded by the serving version's embedder).
+
+        Raises:
+            ValueError: both or neither query given, bad k, wrong dimension, NaN/inf values.
+            UnknownNameError: unknown version.
+            IncompatibleSpacesError: the query's version cannot reach some stored vectors.
+        """
+        if (vector is None) == (source is None):
+            raise ValueError("give exactly one of vector or source")
+        if source is not None:
+            if version is not None:
+                raise ValueError("a source query is embedded by the serving version; "
+                                 "do not pass version")
+            serving = self.serving_version
+            vector = self.store.embedder(serving).embed_sources([source])
+            version = serving
+        return self.search_batch(vector, version=version, k=k, with_metadata=with_metadata)[0]
+
+    def search_batch(
+        self, vectors: Any, *, version: str | None = None, k: int = 10,
+        with_metadata: bool = True,
+    ) -> list[SearchResult]:
+        """Top-k for each row of ``vectors`` (nq, d) of one ``version``; see ``search``."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise ValueError(f"k must be an integer in [1, {MAX_K}], got {k!r}")
+        with self.store.read() as con:
+            serving = _require_collection(con, self.name)[0]
+            info = _require_version(con, version or serving)
+        if info.kind != "model":
+            raise ValueError(f"version {info.name!r} is a {info.kind} model; queries must be "
+                             "embeddings of a model version")
+        queries = as_vectors(vectors, info.dim, what=f"query vectors of version {info.name!r}")
+        rows = self.store.search_cache(self.name).search(queries, info.name, k)
+        return [SearchResult(info.name, fetch_hits(self.store, r, with_metadata=with_metadata))
+                for r in rows]
+
+    # ------------------------------------------------------------------ writes
+
+    def add(self, items: Sequence[ItemInput]) -> AddResult:
+        """Insert or replace items (all or none); an id already present is replaced.
+
+        Raises:
+            ValueError: a bad id, duplicate ids, oversized metadata, a bad vector, or an item
+                with neither vector nor source.
+            IncompatibleSpacesError: a vector the serving version cannot search.
+            StateConflictError: an item cannot get the vector a running upgrade needs.
+        """
+        items = list(items)
+        _check_items(items)
+        if not items:
+            return AddResult(0, 0)
+        for _ in range(_ADD_RETRIES):
+            state = self._write_state()
+            prepared = [self._prepare(it, state) for it in items]
+            self._embed_missing(items, prepared, state)
+            with self.store.write() as con:
+                if self._write_state(con) != state:
+                    continue  # an upgrade started or switched meanwhile: derive again
+                return self._write(con, prepared)
+        raise StateConflictError(f"collection {self.name!r} kept changing during the add; retry")
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete items by id with all their vectors; returns how many existed."""
+        ids = list(ids)
+        with self.store.write() as con:
+            _require_collection(con, self.name)
+            keys = []
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                keys += [int(r[0]) for r in con.execute(
+                    f"SELECT key FROM items WHERE collection=? AND id IN ({marks})",
+                    [self.name, *chunk])]
+            for start in range(0, len(keys), 500):
+                chunk = keys[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                con.execute(f"DELETE FROM items WHERE key IN ({marks})", chunk)
+            log_changes(con, self.name, keys)
+        return len(keys)
+
+    # ------------------------------------------------------------------ upgrades
+
+    def start_upgrade(self, new_version: str, **options: Any) -> UpgradeStatus:
+        """Start an upgrade to ``new_version``; see ``compatkit.index.upgrade.start_upgrade``."""
+        from compatkit.index.upgrade import start_upgrade
+
+        return start_upgrade(self.store, self.name, new_version, **options)
+
+    def upgrade_status(self, job: int | None = None) -> UpgradeStatus:
+        """The status of ``job`` (default: the latest job of this collection)."""
+        from compatkit.index.upgrade import job_status, latest_job
+
+        return job_status(self.store, latest_job(self.store, self.name) if job is None else job)
+
+    # ------------------------------------------------------------------ internals
+
+    def _write_state(self, con: sqlite3.Connection | None = None) -> _WriteState:
+        if con is None:
+            with self.store.read() as c:
+                return self._write_state(c)
+        serving, _, _ = _require_collection(con, self.name)
+        job = _active_job(con, self.name)
+        sides = con.execute("SELECT value FROM meta WHERE key=?",
+                            (f"side_versions:{self.name}",)).fetchone()
+        side_versions = tuple(json.loads(sides[0])) if sides else ()
+        if job is None:
+            return _WriteState(serving, None, None, None, None, side_versions)
+        return _WriteState(serving, int(job[0]), job[1], job[2], job[3], side_versions)
+
+    def _slot_targets(self, state: _WriteState) -> dict[str, str]:
+        """slot -> the version whose queries must be able to search that slot's vector."""
+        targets = {"current": state.serving}
+        if state.job is not None and state.job_old is not None and state.job_new is not None:
+            if state.serving == state.job_old:
+                targets["next"] = state.job_new  # built aside, switched in at completion
+            else:
+                targets["previous"] = state.job_old  # kept for a rollback
+        return targets
+
+    def _prepare(self, it: ItemInput, state: _WriteState) -> _Prepared:
+        with self.store.read() as con:
+            versions = _version_map(con)
+        meta = json.dumps(dict(it.metadata), sort_keys=True)
+        side: dict[str, np.ndarray] = {}
+        for sv, vec in (it.side or {}).items():
+            info = _known(versions, sv)
+            side[sv] = as_vectors(vec, info.dim, what=f"item {it.id!r} side vector {sv!r}")[0]
+        given = None
+        if it.vector is not None:
+            vinfo = _known(versions, it.version or state.serving)
+            if vinfo.kind != "model":
+                raise ValueError(f"item {it.id!r}: version {vinfo.name!r} is a {vinfo.kind} "
+                                 "model; pass side-information under side")
+            given = (vinfo.name, as_vectors(it.vector, vinfo.dim,
+                                            what=f"item {it.id!r} vector")[0])
+        elif it.version is not None:
+            raise ValueError(f"item {it.id!r}: version given without a vector")
+        return _Prepared(it, meta, {"given": (given[0], None, given[1])} if given else {}, side)
+
+    def _embed_missing(self, items: list[ItemInput], prepared: list[_Prepared],
+                       state: _WriteState) -> None:
+        """Fill every slot's vector: the given vector where it fits, else embed the source."""
+        with self.store.read() as con:
+            versions, relations = _version_map(con), _relations(con)
+        targets = self._slot_targets(state)
+        wanted: dict[str, list[int]] = {}  # version (or "side:" + version) -> rows to embed
+        for row, p in enumerate(prepared):
+            given = p.vectors.pop("given", None)
+            for slot, target in targets.items():
+                if given is not None and given[0] == target:
+                    p.vectors[slot] = given
+                elif p.item.source is not None and self.store.has_embedder(target):
+                    wanted.setdefault(target, []).append(row)
+                    p.vectors[slot] = (target, _EMBED, _EMPTY)
+                elif given is not None and self._transformable(state, given[0], target,
+                                                               relations):
+                    p.vectors[slot] = (given[0], _TRANSFORM, given[2])
+                elif given is not None and can_search(target, given[0], relations, versions):
+                    p.vectors[slot] = given
+                else:
+                    raise _slot_error(p.item, slot, target, given, state)
+            for sv in state.side_versions:
+                if sv not in p.side and p.item.source is not None:
+                    wanted.setdefault(f"side:{sv}", []).append(row)
+        for target, rows in wanted.items():
+            side = target.startswith("side:")
+            version = target[len("side:"):] if side else target
+            sources = [items[r].source or "" for r in rows]
+            vecs = as_vectors(self.store.embedder(version).embed_sources(sources),
+                              versions[version].dim, what=f"{version!r} embeddings")
+            for r, v in zip(rows, vecs, strict=True):
+                if side:
+                    prepared[r].side[version] = v
+                    continue
+                for slot, (ver, tf, _) in list(prepared[r].vectors.items()):
+                    if ver == version and tf == _EMBED:
+                        prepared[r].vectors[slot] = (version, None, v)
+        self._apply_transforms(prepared, state, relations)
+
+    def _transformable(self, state: _WriteState, old: str, target: str,
+                       relations: list[Relation]) -> bool:
+        return (state.strategy == "transform" and old == state.job_old
+                and target == state.job_new
+                and any(r.kind == "transform" and r.old == old and r.new == target
+                        for r in relations))
+
+    def _apply_transforms(self, prepared: list[_Prepared], state: _WriteState,
+                          relations: list[Relation]) -> None:
+        rel = next((r for r in relations if r.kind == "transform" and r.old == state.job_old
+                    and r.new == state.job_new), None)
+        for p in prepared:
+            for slot, (ver, tf, vec) in list(p.vectors.items()):
+                if tf != _TRANSFORM or rel is None:
+                    continue
+                side = None
+                if rel.side_version is not None:
+                    if rel.side_version not in p.side:
+                        raise StateConflictError(
+                            f"item {p.item.id!r}: the upgrade's transformation needs a "
+                            f"{rel.side_version!r} side vector or a source")
+                    side = p.side[rel.side_version][None, :]
+                out = self.store.transformer(rel).apply(vec[None, :], side)[0]
+                p.vectors[slot] = (rel.new, ver, as_vectors(out, len(out))[0])
+
+    def _write(self, con: sqlite3.Connection, prepared: list[_Prepared]) -> AddResult:
+        now = time.time()
+        existing: dict[str, int] = {}
+        ids = [p.item.id for p in prepared]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            existing.update({r[1]: int(r[0]) for r in con.execute(
+                f"SELECT key, id FROM items WHERE collection=? AND id IN ({marks})",
+                [self.name, *chunk])})
+        replaced = [existing[p.item.id] for p in prepared if p.item.id in existing]
+        if replaced:
+            for start in range(0, len(replaced), 500):
+                chunk = replaced[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                con.execute(f"DELETE FROM vectors WHERE item IN ({marks})", chunk)
+                con.execute(f"DELETE FROM side_vectors WHERE item IN ({marks})", chunk)
+        keys = []
+        vector_rows, side_rows = [], []
+        for p in prepared:
+            key = existing.get(p.item.id)
+            if key is None:
+                cur = con.execute("INSERT INTO items (collection, id, source, metadata, created, "
+                                  "updated) VALUES (?, ?, ?, ?, ?, ?)",
+                                  (self.name, p.item.id, p.item.source, p.metadata, now, now))
+                key = int(cur.lastrowid)
+            else:
+                con.execute("UPDATE items SET source=?, metadata=?, revision=revision+1, "
+                            "updated=? WHERE key=?", (p.item.source, p.metadata, now, key))
+            keys.append(key)
+            for slot, (version, tf, vec) in p.vectors.items():
+                vector_rows.append((key, slot, version, tf, to_blob(vec)))
+            side_rows += [(key, sv, to_blob(v)) for sv, v in p.side.items()]
+        con.executemany("INSERT INTO vectors VALUES (?, ?, ?, ?, ?)", vector_rows)
+        con.executemany("INSERT INTO side_vectors VALUES (?, ?, ?)", side_rows)
+        log_changes(con, self.name, keys)
+        return AddResult(len(prepared) - len(replaced), len(replaced))
+
+
+def _active_job(con: sqlite3.Connection, name: str) -> tuple | None:
+    return con.execute(
+        "SELECT id, old_version, new_version, strategy, state FROM jobs WHERE collection=? "
+        "AND state IN ('running', 'paused', 'completed') ORDER BY id DESC LIMIT 1",
+        (name,)).fetchone()
+
+
+def _known(versions: dict[str, VersionInfo], name: str) -> VersionInfo:
+    if name not in versions:
+        raise UnknownNameError(f"unknown version {name!r}")
+    return versions[name]
+
+
+def _check_items(items: list[ItemInput]) -> None:
+    seen: set[str] = set()
+    for it in items:
+        if not isinstance(it.id, str) or not it.id or len(it.id) > MAX_ID_LENGTH:
+            raise ValueError(f"item id must be a non-empty string of at most {MAX_ID_LENGTH} "
+                             f"characters, got {it.id!r}")
+        if it.id in seen:
+            raise ValueError(f"item id {it.id!r} appears twice in one request")
+        seen.add(it.id)
+        if it.source is not None and (not isinstance(it.source, str) or not it.source):
+            raise ValueError(f"item {it.id!r}: source must be a non-empty string or None")
+        if not isinstance(it.metadata, Mapping):
+            raise ValueError(f"item {it.id!r}: metadata must be a JSON object")
+        try:
+            size = len(json.dumps(dict(it.metadata)))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"item {it.id!r}: metadata is not JSON-serialisable ({err})") from None
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"item {it.id!r}: metadata is {size} bytes, at most "
+                             f"{MAX_METADATA_BYTES} allowed")
+        if it.vector is None and it.source is None:
+            raise ValueError(f"item {it.id!r} needs a vector or a source")
+
+
+def _slot_error(it: ItemInput, slot: str, target: str,
+                given: tuple[str, np.ndarray] | None, state: _WriteState) -> Exception:
+    have = f"a vector of version {given[0]!r}" if given else "no vector"
+    src = "a source" if it.source is not None else "no source"
+    if slot == "current":
+        if given is not None:
+            return IncompatibleSpacesError(
+                f"item {it.id!r}: the serving version {target!r} cannot search a vector of "
+                f"version {given[0]!r} (no declared relation), and the item has {src} that "
+                f"{target!r} can embed")
+        return StateConflictError(f"item {it.id!r}: version {target!r} has no embedder for its "
+                                  "source; add the item with a vector")
+    why = ("so that a rollback keeps it" if slot == "previous"
+           else "to be switched in when the upgrade completes")
+    return StateConflictError(
+        f"item {it.id!r}: upgrade job {state.job} ({state.job_old} -> {state.job_new}) needs a "
+        f"vector that {target!r} can search, {why}; the item has {have} and {src} that "
+        f"{target!r} can embed. Add it with a source or a {target!r} vector, or finish the "
+        "upgrade first")

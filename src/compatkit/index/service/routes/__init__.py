@@ -1,0 +1,1 @@
+"""One router per resource: health, versions, collections, items, search, upgrades."""

@@ -1,0 +1,74 @@
+"""Vector checks at the edge and the float32 BLOB encoding stored in SQLite."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+#: Rows whose L2 norm is below this cannot be compared by cosine similarity.
+MIN_NORM = 1e-12
+
+
+def as_vectors(x: Any, dim: int, *, what: str = "vectors") -> np.ndarray:
+    """Check and convert ``x`` to a C-contiguous float32 (n, dim) array.
+
+    A 1-D input of length ``dim`` is one vector. Shapes: -> (n, dim) float32.
+
+    Raises:
+        ValueError: wrong shape or dimension, a NaN/inf value, or an all-zero row (each message
+            names the first bad row and the expected dimension).
+    """
+    try:
+        arr = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be numbers, got {type(x).__name__}") from None
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must be (n, {dim}), got shape {arr.shape}")
+    if arr.shape[1] != dim:
+        raise ValueError(f"{what} have dimension {arr.shape[1]}, expected {dim}")
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"{what} row {row} holds NaN or infinite values")
+    norms = np.linalg.norm(arr, axis=1)
+    if (norms < MIN_NORM).any():
+        row = int(np.flatnonzero(norms < MIN_NORM)[0])
+        raise ValueError(f"{what} row {row} is all zeros; a cosine score needs a non-zero vector")
+    return np.ascontiguousarray(arr)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` divided by their L2 norm (a float32 copy). Shapes: (n, d) -> (n, d)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, MIN_NORM)).astype(np.float32, copy=False)
+
+
+def to_blob(vector: np.ndarray) -> bytes:
+    """One float32 vector as little-endian bytes. Shapes: (d,) -> 4·d bytes."""
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def from_blob(blob: bytes, dim: int) -> np.ndarray:
+    """The float32 vector of a BLOB written by ``to_blob``.
+
+    Raises:
+        ValueError: the BLOB does not hold ``dim`` float32 values.
+    """
+    if len(blob) != 4 * dim:
+        raise ValueError(f"stored vector has {len(blob)} bytes, expected {4 * dim} (dim {dim})")
+    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+
+
+def stack_blobs(blobs: Sequence[bytes], dim: int) -> np.ndarray:
+    """Stack BLOBs of one dimension into an (n, dim) float32 array."""
+    if not blobs:
+        return np.zeros((0, dim), dtype=np.float32)
+    joined = b"".join(blobs)
+    if len(joined) != 4 * dim * len(blobs):
+        raise ValueError(f"stored vectors do not all have dimension {dim}")
+    return np.frombuffer(joined, dtype="<f4").reshape(len(blobs), dim).astype(np.float32)

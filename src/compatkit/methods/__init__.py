@@ -1,0 +1,39 @@
+"""Compatibility methods behind one registry; importing this package registers them all."""
+
+# Importing each method module registers it.
+from compatkit.methods import (  # noqa: F401
+    bct,
+    bct_ract,
+    contrastive,
+    independent,
+    l2,
+    lwf,
+    pct,
+    triplet,
+    unibct,
+)
+from compatkit.methods.base import (
+    METHODS,
+    EvalEmbedders,
+    LossOutput,
+    Method,
+    MethodBatch,
+    MethodConfig,
+    MethodContext,
+    create_method,
+    method_config_from_dict,
+    register_method,
+)
+
+__all__ = [
+    "METHODS",
+    "EvalEmbedders",
+    "LossOutput",
+    "Method",
+    "MethodBatch",
+    "MethodConfig",
+    "MethodContext",
+    "create_method",
+    "method_config_from_dict",
+    "register_method",
+]
