@@ -113,6 +113,86 @@ def eval_(
 
 
 @app.command()
+def backfill(
+    query_features: Annotated[Path, typer.Option(help=".npy (nq, d) new-model queries")],
+    old_gallery_features: Annotated[Path, typer.Option(help=".npy (ng, d) stored old features")],
+    new_gallery_features: Annotated[Path, typer.Option(help=".npy (ng, d) new features")],
+    query_labels: Annotated[Path, typer.Option(help=".npy (nq,)")],
+    gallery_labels: Annotated[Path, typer.Option(help=".npy (ng,)")],
+    order: Annotated[str, typer.Option(
+        help="random | uncertainty | sigma | oracle | given")] = "random",
+    old_classifier: Annotated[Path | None, typer.Option(
+        help=".npy (C, d) old classifier rows (uncertainty order)")] = None,
+    uncertainty: Annotated[str, typer.Option(
+        help="entropy | least_confidence | margin")] = "entropy",
+    temperature: Annotated[float, typer.Option(help="softmax temperature (uncertainty)")] = 1.0,
+    sigma: Annotated[Path | None, typer.Option(help=".npy (ng,) FastFill σ (sigma order)")] = None,
+    order_file: Annotated[Path | None, typer.Option(help="permutation file (given order)")] = None,
+    old_query_features: Annotated[Path | None, typer.Option(
+        help=".npy (nq, d_old) old-model queries for flips against old/old (default: the old "
+             "gallery with --exclude-self, else flips against the previous step)")] = None,
+    exclude_self: Annotated[bool, typer.Option(help="leave-one-out: query i is item i")] = False,
+    steps: Annotated[int, typer.Option(help="equally spaced fractions from 0 to 1")] = 21,
+    seed: Annotated[int, typer.Option(help="seed of the random order")] = 0,
+    metrics: Annotated[str, typer.Option(help="comma-separated metric names")] = "map,cmc@1",
+    distance: Annotated[str, typer.Option(help="cosine | l2")] = "cosine",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    plot: Annotated[Path | None, typer.Option(help="write the curve as a PNG")] = None,
+) -> None:
+    """Hot-refresh backfilling curve: metrics and flips on the mixed gallery at each fraction."""
+    from compatkit.eval import backfill_curve, backfill_order
+    from compatkit.eval.ordering import load_order
+
+    q = _load_npy(query_features, "query features")
+    go = _load_npy(old_gallery_features, "old gallery features")
+    gn = _load_npy(new_gallery_features, "new gallery features")
+    inputs: dict[str, Any] = {
+        "random": lambda: {"seed": seed},
+        "uncertainty": lambda: {"old_features": go, "temperature": temperature,
+                                "kind": uncertainty,
+                                "classifier": _load_npy(_required(old_classifier,
+                                                                  "--old-classifier"),
+                                                        "old classifier")},
+        "sigma": lambda: {"sigma": _load_npy(_required(sigma, "--sigma"), "sigma")},
+        "oracle": lambda: {"new_features": gn, "old_features": go},
+        "given": lambda: {"order": load_order(_required(order_file, "--order-file"))},
+    }.get(order, dict)()
+    perm = backfill_order(order, len(go), **inputs)
+    old_query = (_load_npy(old_query_features, "old query features")
+                 if old_query_features is not None else go if exclude_self else None)
+    curve = backfill_curve(
+        q, _load_npy(query_labels, "query labels"), go, gn,
+        _load_npy(gallery_labels, "gallery labels"), perm, steps=steps,
+        metrics=[m.strip() for m in metrics.split(",") if m.strip()], distance=distance,
+        exclude_self=exclude_self, old_query=old_query,
+        reference="old_old" if old_query is not None else "previous_step", ordering=order,
+    )
+    result = curve.to_json()
+    flat = {"fractions": result["fractions"], **result.pop("metrics"), **{
+        k: v for k, v in result.items() if k != "fractions"}}
+    if plot is not None:
+        from compatkit.eval import retrieval_metrics
+        from compatkit.eval.plots import plot_backfill_curves
+
+        first = next(iter(curve.metrics))
+        old_old = (retrieval_metrics(old_query, _load_npy(query_labels, "query labels"), go,
+                                     _load_npy(gallery_labels, "gallery labels"),
+                                     metrics=[first], distance=distance,
+                                     exclude_self=exclude_self)[first]
+                   if old_query is not None else None)
+        plot_backfill_curves({order: curve}, plot, metric=first, old_old=old_old,
+                             new_new=curve.metrics[first][-1])
+    if as_json:
+        _out(flat)
+    else:
+        for i, frac in enumerate(curve.fractions):
+            values = "  ".join(f"{m}={v[i]:.4f}" for m, v in curve.metrics.items())
+            typer.echo(f"{frac:.3f}  {values}  nfr={curve.nfr[i]:.4f}")
+        for m, auc in curve.auc.items():
+            typer.echo(f"auc {m}: trapezoid={auc['trapezoid']:.4f} mean={auc['mean']:.4f}")
+
+
+@app.command()
 def demo(
     dataset: Annotated[str, typer.Option(help="any dataset the loaders know")] = "synthetic",
     root: Annotated[str | None, typer.Option(help="dataset root (real datasets)")] = None,
@@ -145,6 +225,12 @@ def datasets() -> None:
 
     for name, summary in list_datasets():
         typer.echo(f"{name}\t{summary}")
+
+
+def _required(value: Path | None, flag: str) -> Path:
+    if value is None:
+        raise CompatkitError(f"{flag} is required for this order")
+    return value
 
 
 def _artifact_dir(path: Path) -> Path:

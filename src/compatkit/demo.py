@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 
 from compatkit.artifacts import read_manifest
-from compatkit.eval import EmbeddingSet, compatibility_matrix
+from compatkit.eval import (
+    BackfillCurve,
+    EmbeddingSet,
+    backfill_curve,
+    backfill_order,
+    compatibility_matrix,
+)
 from compatkit.inference import embed_images
 from compatkit.train.config import RunConfig, load_config, merge_trees
 from compatkit.train.loop import load_frozen, train
@@ -34,23 +40,30 @@ COMMON: dict[str, Any] = {
     "eval": {"metrics": ["map", "cmc@1", "cmc@5", "map@r"]},
 }
 
-# Recipes sized for 2 CPU cores; each is a base config dict that --set overrides refine.
+# Recipes sized for 2 CPU cores: a base config dict per dataset, and what the old stage
+# changes (it trains on fewer images, so it gets more epochs). --set overrides refine both.
 RECIPES: dict[str, dict[str, Any]] = {
     "synthetic": {
-        "data": {"name": "synthetic", "scenario": "extended_class", "old_ratio": 0.3,
-                 "test_class_ratio": 0.3, "crop_padding": 2, "flip": False},
+        "data": {"scenario": "extended_class", "old_ratio": 0.3, "test_class_ratio": 0.3,
+                 "crop_padding": 2, "flip": False},
         "model": {"backbone": "resnet10_cifar"},
+        "optim": {"lr": 0.2},
         "train": {"epochs": 6},
     },
     "omniglot": {
-        "data": {"name": "omniglot", "scenario": "extended_class", "old_ratio": 0.3,
-                 "test_class_ratio": 0.3, "crop_padding": 2, "flip": False},
+        "data": {"scenario": "extended_class", "old_ratio": 0.3, "test_class_ratio": 0.3,
+                 "crop_padding": 2, "flip": False},
         "train": {"epochs": 20, "batch_size": 64},
     },
     "cifar10": {
-        "data": {"name": "cifar10", "scenario": "extended_class", "old_ratio": 0.5},
-        "train": {"epochs": 8},
+        "data": {"scenario": "extended_class", "old_ratio": 0.5, "train_per_class": 1000},
+        "train": {"epochs": 15},
     },
+}
+OLD_STAGE: dict[str, dict[str, Any]] = {
+    "synthetic": {"train": {"epochs": 15}},
+    "omniglot": {"train": {"epochs": 40}},
+    "cifar10": {"train": {"epochs": 20}},
 }
 DEFAULT_RECIPE: dict[str, Any] = {"data": {"scenario": "extended_class"}, "train": {"epochs": 10}}
 
@@ -68,6 +81,8 @@ def demo_config(dataset: str, root: str | None, stage: str, method: dict[str, An
                 overrides: Sequence[str] = (), old_dir: Path | None = None) -> RunConfig:
     """The resolved run config of one demo stage (``old`` or a new-model method)."""
     base = merge_trees(COMMON, RECIPES.get(dataset, DEFAULT_RECIPE))
+    if stage == "old":
+        base = merge_trees(base, OLD_STAGE.get(dataset, {}))
     base = merge_trees(base, {"name": stage, "method": method,
                          "data": {"name": dataset, "root": root,
                                   "side": "old" if stage == "old" else "new"}})
@@ -96,23 +111,54 @@ def run_demo(
         stages[name] = _run_stage(cfg, out_dir / name, timings)
 
     test = evaluation_images(old_cfg.data, "test")
-    sets = {}
+    feats: dict[str, np.ndarray] = {}
     for name, artifact in stages.items():
         model, manifest = load_frozen(artifact, "cpu")
-        feats = embed_images(model, test.images, manifest.input)
-        sets[name] = EmbeddingSet(feats, test.labels, feats, test.labels)
+        feats[name] = embed_images(model, test.images, manifest.input)
+    sets = {name: EmbeddingSet(f, test.labels, f, test.labels) for name, f in feats.items()}
     matrix = compatibility_matrix(sets, metrics=old_cfg.eval.metrics, distance="cosine",
                                   exclude_self=True, reference="old", paragon="independent")
     metrics = matrix.to_json()
+    old_model, _ = load_frozen(stages["old"], "cpu")
+    curves = {name: backfill_curves(feats["old"], feats[name], test.labels, old_model.classifier,
+                                    metrics=old_cfg.eval.metrics[:2])
+              for name in methods if name != "independent"}
+    metrics["backfill"] = {name: {order: c.to_json() for order, c in by_order.items()}
+                           for name, by_order in curves.items()}
     metrics["dataset"] = dataset
     metrics["test_images"] = len(test)
     metrics["test_classes"] = len(np.unique(test.labels))
     metrics["train_seconds"] = timings
     metrics["total_seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    report = _write_report(out_dir, dataset, matrix.to_markdown(), metrics, stages)
-    _plot(out_dir, matrix)
+    report = _write_report(out_dir, dataset, matrix.to_markdown(), metrics, stages, curves)
+    _plot(out_dir, matrix, curves)
     return DemoResult(out_dir, report, metrics)
+
+
+def backfill_curves(
+    old: np.ndarray, new: np.ndarray, labels: np.ndarray, old_classifier: Any, *,
+    metrics: Sequence[str], steps: int = 11, seed: int = 0,
+) -> dict[str, BackfillCurve]:
+    """Hot-refresh curves of a new model over the old gallery for the random, uncertainty
+    and oracle orders (leave-one-out on the test set, flips against old/old)."""
+    weight = old_classifier.weight.detach().float().cpu().numpy()
+    temperature = 1.0
+    if old_classifier.normalized:  # posterior of a cosine head: softmax(s · cos)
+        weight = weight / np.linalg.norm(weight, axis=1, keepdims=True)
+        temperature = 1.0 / float(getattr(old_classifier, "scale", 1.0))
+    inputs = {
+        "random": {"seed": seed},
+        "uncertainty": {"old_features": old, "classifier": weight, "temperature": temperature},
+        "oracle": {"new_features": new, "old_features": old},
+    }
+    return {
+        order: backfill_curve(new, labels, old, new, labels,
+                              backfill_order(order, len(old), **kwargs), steps=steps,
+                              metrics=metrics, exclude_self=True, old_query=old,
+                              reference="old_old", ordering=order)
+        for order, kwargs in inputs.items()
+    }
 
 
 def _run_stage(cfg: RunConfig, run_dir: Path, timings: dict[str, float]) -> Path:
@@ -130,7 +176,19 @@ def _run_stage(cfg: RunConfig, run_dir: Path, timings: dict[str, float]) -> Path
 
 
 def _write_report(out_dir: Path, dataset: str, table: str, metrics: dict[str, Any],
-                  stages: dict[str, Path]) -> Path:
+                  stages: dict[str, Path], curves: dict[str, dict[str, BackfillCurve]]) -> Path:
+    backfill = []
+    for name, by_order in curves.items():
+        backfill += [f"### {name} queries, gallery backfilled from old to {name}", "",
+                     "| order | " + " | ".join(f"AUC {m} (trapezoid)" for m in
+                                               next(iter(by_order.values())).metrics)
+                     + " | max NFR | mean NFR |",
+                     "|---|" + "---|" * (len(next(iter(by_order.values())).metrics) + 2)]
+        for order, c in by_order.items():
+            aucs = " | ".join(f"{c.auc[m]['trapezoid']:.4f}" for m in c.metrics)
+            backfill.append(f"| {order} | {aucs} | {c.regression['max_nfr']:.4f} | "
+                            f"{c.regression['mean_nfr']:.4f} |")
+        backfill.append("")
     lines = [
         f"# compatkit demo — {dataset}",
         "",
@@ -140,6 +198,12 @@ def _write_report(out_dir: Path, dataset: str, table: str, metrics: dict[str, An
         "",
         table,
         "",
+        "## Hot-refresh backfilling",
+        "",
+        "Queries by the new model; the gallery starts with old features and is re-embedded in "
+        "the given order (flips against the old/old system).",
+        "",
+        *backfill,
         "## Runs",
         "",
         *(f"- `{name}`: `{path}` ({metrics['train_seconds'].get(name, 0.0)} s)"
@@ -152,10 +216,16 @@ def _write_report(out_dir: Path, dataset: str, table: str, metrics: dict[str, An
     return report
 
 
-def _plot(out_dir: Path, matrix: Any) -> None:
+def _plot(out_dir: Path, matrix: Any, curves: dict[str, dict[str, BackfillCurve]]) -> None:
     try:
-        from compatkit.eval.plots import plot_compatibility_matrix
+        from compatkit.eval.plots import plot_backfill_curves, plot_compatibility_matrix
     except ImportError:  # plots are an optional extra
         log.warning("matplotlib is not installed: no plot (pip install 'compatkit[plots]')")
         return
     plot_compatibility_matrix(matrix, out_dir / "compatibility.png")
+    for name, by_order in curves.items():
+        metric = next(iter(next(iter(by_order.values())).metrics))
+        plot_backfill_curves(by_order, out_dir / f"backfill_{name}.png", metric=metric,
+                             old_old=matrix.value("old", "old", metric),
+                             new_new=matrix.value(name, name, metric),
+                             title=f"{name}: hot-refresh backfill")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compatkit.artifacts import FeatureSet, Manifest, load_module
+from compatkit.artifacts import FeatureSet, Manifest, load_module, read_manifest
 from compatkit.errors import CompatkitError, IncompatibleSpacesError
 from compatkit.version import code_version
 
@@ -115,12 +115,13 @@ def sigma_scores(
 
 def _load_transformation(path: str | Path, device: str | torch.device) -> tuple[nn.Module,
                                                                                  Manifest]:
-    module, manifest = load_module(path, device=device)
+    manifest = read_manifest(path)
     if manifest.kind != "transformation":
         raise CompatkitError(f"{path} holds a {manifest.kind} artifact, not a transformation")
     if manifest.transforms_from is None or manifest.transforms_to is None:
         raise CompatkitError(f"transformation {path} does not declare transforms_from/"
                              "transforms_to in its manifest")
+    module, manifest = load_module(path, device=device)
     return module, manifest
 
 

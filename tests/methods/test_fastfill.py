@@ -132,7 +132,7 @@ def test_classifier_checks():
     method, _ = fastfill_context(new_classes=7)
     with pytest.raises(ValueError, match="7 classes"):
         method.on_train_start()
-    method, ctx = fastfill_context(FastFillConfig(inner=16, mu_disc=0.0), new_classes=7)
+    method, _ = fastfill_context(FastFillConfig(inner=16, mu_disc=0.0), new_classes=7)
     method.on_train_start()  # no discriminative term: any classifier is fine
 
 
@@ -146,7 +146,7 @@ def test_learned_sigma_ranks_hard_samples_first():
     new = old + noise
     t = Transformation(4, 4, inner=32, sigma_dim=1)
     opt = torch.optim.Adam(t.parameters(), lr=3e-3)
-    for step in range(400):
+    for _ in range(400):
         idx = torch.randperm(600, generator=g)[:128]
         out = t(old[idx])
         loss = fastfill_loss(out.embedding, new[idx], out.log_sigma)
@@ -158,3 +158,26 @@ def test_learned_sigma_ranks_hard_samples_first():
     order = torch.from_numpy(scores).argsort(descending=True)
     first_half_hard = hard[order[:300]].float().mean().item()
     assert first_half_hard > 0.9
+
+
+def test_fastfill_run_yields_a_backfill_order(tmp_path):
+    """A tiny loop run: σ head in the artifact, σ scores from the stored old features."""
+    from compatkit.artifacts import load_module
+    from compatkit.train.loop import train
+    from compatkit.train.prepare import evaluation_images
+
+    from .test_fct import TRANSFORM, _embed, tiny_config
+
+    torch.set_num_threads(1)
+    old = train(tiny_config("name=old", "data.side=old", "train.epochs=1"), tmp_path / "old")
+    new = train(tiny_config("name=new", "train.epochs=1"), tmp_path / "new")
+    result = train(tiny_config("name=ff", "method={name: fastfill, inner: 32}", "train.epochs=1",
+                               *TRANSFORM, f"old_model={old.artifact_dir}",
+                               f"frozen_models.new={new.artifact_dir}"), tmp_path / "ff")
+    assert result.manifest.method == "fastfill"
+    assert {"fastfill", "sim", "log_sigma"} <= set(result.history[0])
+    module, _ = load_module(result.artifact_dir)
+    assert module.sigma_dim == 1
+    gallery = _embed(old.artifact_dir, evaluation_images(tiny_config().data))
+    scores = sigma_scores(module, gallery.features)
+    assert scores.shape == (len(gallery.features),) and scores.std() > 0

@@ -17,6 +17,7 @@ from compatkit.methods.fct import (
     per_sample_mse,
 )
 from compatkit.models import Transformation
+
 from .standins import IMAGE_SHAPE, StandinFrozen, StandinModel
 
 # ---------------------------------------------------------------- Gaussian controls (no images)
@@ -149,13 +150,13 @@ def batch(epoch=0, n=8, seed=1):
 
 
 def test_build_sizes_the_transformation_from_the_frozen_models():
-    method, ctx = fct_context(d_old=6, d_new=5, d_side=3)
+    _, ctx = fct_context(d_old=6, d_new=5, d_side=3)
     t = ctx.model
     assert (t.d_old, t.d_new, t.d_side, t.sigma_dim) == (6, 5, 3, 0)
     assert t.mixer[0].out_features == 16  # cfg.inner
     _, no_side = fct_context(d_old=6, d_new=5)
     assert no_side.model.side_branch is None
-    with pytest.raises(ValueError, match="frozen_models.new"):
+    with pytest.raises(ValueError, match=r"frozen_models\.new"):
         FCT.build_trained_module(None, num_classes=4, in_chans=1,
                                  frozen={"old": ctx.old_model}, method_cfg=FCTConfig())
 
@@ -237,5 +238,90 @@ def test_transformed_gallery_is_normalised_when_the_new_space_is():
 def test_missing_new_model_is_a_clear_error():
     _, ctx = fct_context()
     ctx.frozen = {}
-    with pytest.raises(ValueError, match="frozen_models.new"):
+    with pytest.raises(ValueError, match=r"frozen_models\.new"):
         create_method(FCTConfig(), ctx)
+
+
+# ---------------------------------------------------------------- end to end through the loop
+
+TINY = [
+    "data.options={num_classes: 200, images_per_class: 5}",
+    "data.image_size=16",
+    "data.test_class_ratio=0.2",
+    "data.crop_padding=1",
+    "model.backbone=resnet10_cifar",
+    "model.width=0.125",
+    "model.embed_dim=16",
+    "train.batch_size=64",
+    "train.progress=false",
+    "train.embed_batch_size=256",
+    "eval.metrics=[map, cmc@1]",
+]
+TRANSFORM = ["optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=3.0517578125e-05"]
+
+
+def tiny_config(*extra: str):
+    from compatkit.train.config import load_config
+
+    return load_config(None, [*TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def base_runs(tmp_path_factory):
+    """An old model (old side), a new model (new side) and a SimCLR side-info model (old side)."""
+    from compatkit.methods import simclr  # noqa: F401 (registers the method)
+    from compatkit.train.loop import train
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("fct_base")
+    old = train(tiny_config("name=old", "data.side=old", "train.epochs=1"), root / "old")
+    new = train(tiny_config("name=new", "train.epochs=1"), root / "new")
+    side = train(tiny_config("name=side", "method={name: simclr}", "data.side=old",
+                             "train.epochs=1"), root / "side")
+    return SimpleNamespace(old=old, new=new, side=side)
+
+
+def _embed(artifact_dir, images):
+    """Features of the test images with any artifact (model or side-info)."""
+    import numpy as np
+
+    from compatkit.artifacts import FeatureSet, load_module
+    from compatkit.inference import embed_images
+
+    module, manifest = load_module(artifact_dir)
+    feats = embed_images(module, images.images, manifest.input)
+    return FeatureSet(feats, images.labels.astype(np.int64), manifest)
+
+
+def test_fct_run_with_side_info_end_to_end(base_runs, tmp_path):
+    from compatkit.artifacts import load_module
+    from compatkit.eval import retrieval_metrics
+    from compatkit.train.loop import train
+    from compatkit.train.prepare import evaluation_images
+    from compatkit.upgrade import upgrade_features
+
+    runs = base_runs
+    result = train(tiny_config("name=fct", "method={name: fct, inner: 64}", "train.epochs=2",
+                               *TRANSFORM, f"old_model={runs.old.artifact_dir}",
+                               f"frozen_models.new={runs.new.artifact_dir}",
+                               f"frozen_models.side={runs.side.artifact_dir}"), tmp_path)
+    m = result.manifest
+    assert (m.kind, m.method, m.embed_dim) == ("transformation", "fct", 16)
+    assert m.transforms_from == runs.old.manifest.model_version
+    assert m.transforms_to == runs.new.manifest.model_version
+    assert m.normalized  # the new model's embeddings are L2-normalised
+    assert set(result.metrics) == {"self", "cross", "transformed", "old_old"}
+    assert result.metrics["self"] == pytest.approx(runs.new.metrics["self"])
+    assert result.metrics["old_old"] == pytest.approx(runs.old.metrics["self"])
+    assert result.history[1]["mse"] < result.history[0]["mse"]
+    module, _ = load_module(result.artifact_dir)
+    assert isinstance(module, Transformation) and module.d_side == 16
+    # upgrading the stored old gallery (plus side-info) reproduces the run's transformed test
+    images = evaluation_images(tiny_config().data)
+    gallery, side = _embed(runs.old.artifact_dir, images), _embed(runs.side.artifact_dir, images)
+    query = _embed(runs.new.artifact_dir, images)
+    upgraded = upgrade_features(gallery, [result.artifact_dir], side=side)
+    assert upgraded.manifest.model_version == query.manifest.model_version
+    got = retrieval_metrics(query.features, query.labels, upgraded.features, upgraded.labels,
+                            metrics=("map", "cmc@1"), exclude_self=True)
+    assert got == pytest.approx(result.metrics["transformed"], abs=1e-6)

@@ -1,5 +1,68 @@
-"""The one metrics engine: exact chunked retrieval metrics, compatibility, backfilling, flips."""
+"""The one metrics engine: exact chunked retrieval metrics, compatibility, backfilling, flips.
 
-from compatkit.eval.retrieval import KnnResult, check_features, check_labels, knn
+Arrays in, numbers out: features and labels go in, nothing here embeds images. Plots live in
+``compatkit.eval.plots`` (needs the ``plots`` extra); dataset protocols (GLDv2, ROxford/RParis,
+TAR@FAR) in ``compatkit.eval.protocols``.
+"""
 
-__all__ = ["KnnResult", "check_features", "check_labels", "knn"]
+from compatkit.eval.backfill import (
+    BackfillCurve,
+    auc_mean,
+    auc_trapezoid,
+    backfill_curve,
+    mixed_gallery,
+)
+from compatkit.eval.compat import (
+    CompatibilityMatrix,
+    EmbeddingSet,
+    average_compatibility,
+    average_multimodel_accuracy,
+    compatibility_matrix,
+    is_compatible,
+    update_gain,
+)
+from compatkit.eval.flips import FlipRates, flip_rates, top_k_correct
+from compatkit.eval.metrics import METRICS, per_query_metrics, retrieval_metrics
+from compatkit.eval.ordering import (
+    ORDERINGS,
+    backfill_order,
+    backfill_set,
+    uncertainty_scores,
+)
+from compatkit.eval.retrieval import (
+    KnnResult,
+    check_features,
+    check_labels,
+    knn,
+    pairwise_scores,
+)
+
+__all__ = [
+    "METRICS",
+    "ORDERINGS",
+    "BackfillCurve",
+    "CompatibilityMatrix",
+    "EmbeddingSet",
+    "FlipRates",
+    "KnnResult",
+    "auc_mean",
+    "auc_trapezoid",
+    "average_compatibility",
+    "average_multimodel_accuracy",
+    "backfill_curve",
+    "backfill_order",
+    "backfill_set",
+    "check_features",
+    "check_labels",
+    "compatibility_matrix",
+    "flip_rates",
+    "is_compatible",
+    "knn",
+    "mixed_gallery",
+    "pairwise_scores",
+    "per_query_metrics",
+    "retrieval_metrics",
+    "top_k_correct",
+    "uncertainty_scores",
+    "update_gain",
+]

@@ -101,8 +101,8 @@ class CompatibilityMatrix:
             for metric in self.metrics:
                 cross = self.value(model, self.reference, metric)
                 base = self.value(self.reference, self.reference, metric)
-                out[model][metric] = None if cross is None or base is None else (
-                    is_compatible(base, cross)
+                out[model][metric] = (
+                    None if cross is None or base is None else (is_compatible(base, cross))
                 )
         return out
 
@@ -210,9 +210,7 @@ def _check_same_items(features: Mapping[str, EmbeddingSet]) -> None:
     for name in names[1:]:
         es = features[name]
         other_q = check_labels(es.query_labels, np.shape(es.query)[0], f"{name}.query_labels")
-        other_g = check_labels(
-            es.gallery_labels, np.shape(es.gallery)[0], f"{name}.gallery_labels"
-        )
+        other_g = check_labels(es.gallery_labels, np.shape(es.gallery)[0], f"{name}.gallery_labels")
         if not np.array_equal(other_q, ql) or not np.array_equal(other_g, gl):
             raise ValueError(
                 f"models {names[0]!r} and {name!r} embed different items: cross-model "
@@ -273,8 +271,9 @@ def compatibility_matrix(
     for qm, (q, _) in checked.items():
         for gm, (_, g) in checked.items():
             if dims[qm] != dims[gm]:
-                logger.info("skipping %s → %s: dimensions %d and %d differ", qm, gm,
-                            dims[qm], dims[gm])
+                logger.info(
+                    "skipping %s → %s: dimensions %d and %d differ", qm, gm, dims[qm], dims[gm]
+                )
                 values[(qm, gm)] = None
                 continue
             values[(qm, gm)] = retrieval_metrics(

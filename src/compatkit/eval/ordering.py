@@ -56,7 +56,9 @@ def descending_order(scores: Any, name: str = "scores") -> np.ndarray:
     if s.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one score per gallery item), got shape {s.shape}")
     if not np.isfinite(s).all():
-        raise ValueError(f"{name} holds non-finite values at index {np.flatnonzero(~np.isfinite(s))[0]}")
+        raise ValueError(
+            f"{name} holds non-finite values at index {np.flatnonzero(~np.isfinite(s))[0]}"
+        )
     return np.argsort(-s, kind="stable").astype(np.int64)
 
 
@@ -184,7 +186,9 @@ def check_permutation(order: Any, n: int) -> np.ndarray:
     """
     arr = np.asarray(order)
     if arr.ndim != 1 or arr.shape[0] != n:
-        raise ValueError(f"order must be a permutation of {n} gallery indices, got shape {arr.shape}")
+        raise ValueError(
+            f"order must be a permutation of {n} gallery indices, got shape {arr.shape}"
+        )
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"order must hold integer gallery indices, got dtype {arr.dtype}")
     arr = arr.astype(np.int64)

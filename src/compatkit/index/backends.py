@@ -116,9 +116,13 @@ class VectorGroup:
         if len(self) == 0 or k < 1:
             return GroupHits(np.full((nq, max(k, 0)), -np.inf, dtype=np.float32),
                              np.full((nq, max(k, 0)), -1, dtype=np.int64))
-        params = self._search_params()
+        bitmap = sel = None
+        if len(self._slot_of) < self._size:  # dead slots: search the live ones only
+            bitmap = np.packbits(self._alive[:self._size], bitorder="little")
+            sel = faiss.IDSelectorBitmap(self._size, faiss.swig_ptr(bitmap))
+        # ``bitmap`` and ``sel`` stay referenced here until the search returns
         scores, slots = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k,
-                                           params=params)
+                                           params=self._search_params(sel))
         keys = np.where(slots >= 0, self._keys[np.maximum(slots, 0)], -1)
         scores = np.where(slots >= 0, scores, -np.inf).astype(np.float32)
         return GroupHits(scores, keys.astype(np.int64))
@@ -128,12 +132,7 @@ class VectorGroup:
         slots = [self._slot_of[int(k)] for k in np.asarray(keys).tolist()]
         return self._vectors[slots].copy()
 
-    def _search_params(self) -> faiss.SearchParameters | None:
-        sel = None
-        if len(self._slot_of) < self._size:
-            bitmap = np.packbits(self._alive[:self._size], bitorder="little")
-            sel = faiss.IDSelectorBitmap(self._size, faiss.swig_ptr(bitmap))
-            sel.bitmap_ref = bitmap  # keep the buffer alive as long as the selector
+    def _search_params(self, sel: faiss.IDSelector | None) -> faiss.SearchParameters | None:
         if self._structure == "ivf":
             return faiss.SearchParametersIVF(sel=sel, nprobe=self.options.nprobe)
         if self._structure == "hnsw":
@@ -188,8 +187,7 @@ class VectorGroup:
             nlist = int(min(max(1, 4 * math.sqrt(len(train))), max(1, len(train) // 39)))
             quantizer = faiss.IndexFlatIP(self.dim)
             index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(train)
-            index.quantizer_ref = quantizer  # the IVF index does not own its quantizer
+            index.train(train)  # the Python wrapper keeps ``quantizer`` referenced
             return index
         if self._structure == "hnsw":
             index = faiss.IndexHNSWFlat(self.dim, opts.hnsw_m, faiss.METRIC_INNER_PRODUCT)
