@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -50,6 +51,8 @@ def train(
         overrides.append(f"old_model={_artifact_dir(old_model)}")
     cfg = load_config(config, overrides)
     result = run_training(cfg, out, resume=resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     _out({"run_dir": str(result.run_dir), "artifact": str(result.artifact_dir),
           "model_version": result.manifest.model_version, "metrics": result.metrics})
 

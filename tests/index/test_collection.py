@@ -24,10 +24,10 @@ def plane(tmp_path):
 
 
 def test_scores_are_cosines_and_hits_name_their_version(plane):
-    coll = plane.create_collection("c", "p1")
-    coll.add([ItemInput("a", vector=[1.0, 0.0], metadata={"n": 1}),
-              ItemInput("b", vector=[0.0, 3.0]),                  # stored unnormalised
-              ItemInput("c", vector=[0.6, 0.8], version="p2")])   # p1 serving can search p2? no
+    coll = plane.create_collection("c", "p2")
+    coll.add([ItemInput("a", vector=[1.0, 0.0], version="p1", metadata={"n": 1}),
+              ItemInput("b", vector=[0.0, 3.0], version="p1"),  # stored unnormalised
+              ItemInput("c", vector=[0.6, 0.8])])               # the serving version p2
     res = coll.search([0.8, 0.6], version="p2", k=3)
     assert [(h.id, h.version) for h in res.hits] == [("c", "p2"), ("a", "p1"), ("b", "p1")]
     np.testing.assert_allclose([h.score for h in res.hits], [0.96, 0.8, 0.6], rtol=1e-6)
