@@ -71,7 +71,10 @@ def main() -> None:
     t_mm = bare_matmul_seconds(torch.from_numpy(q), torch.from_numpy(g), args.chunk_size)
     t0 = time.perf_counter()
     result = retrieval_metrics(
-        q, ql, g, gl,
+        q,
+        ql,
+        g,
+        gl,
         metrics=("map", "cmc@1", "cmc@5"),
         exclude_self=args.exclude_self,
         chunk_size=args.chunk_size,
@@ -80,8 +83,10 @@ def main() -> None:
     t_eval = time.perf_counter() - t0
     rows = [
         ("queries x gallery, d", f"{q.shape[0]} x {g.shape[0]}, {args.dim}"),
-        ("threads / chunk / query block", f"{args.threads} / {args.chunk_size} / "
-                                          f"{args.query_block}"),
+        (
+            "threads / chunk / query block",
+            f"{args.threads} / {args.chunk_size} / {args.query_block}",
+        ),
         ("bare matmul (s)", f"{t_mm:.2f}"),
         ("mAP + CMC@1,5 (s)", f"{t_eval:.2f}"),
         ("ratio (goal <= 3x)", f"{t_eval / t_mm:.2f}x"),

@@ -118,3 +118,59 @@ def test_bict_sweep_end_to_end(tmp_path):
     assert rows[0].self_test != rows[1].self_test  # λ_b changes the new model
     saved = json.loads((tmp_path / "sweep" / "bict_sweep.json").read_text())
     assert [s["lambda_b"] for s in saved] == [0.0, 1.0]
+
+
+RECIPES = [f"configs/{ds}/{stage}.yaml" for ds in ("omniglot", "cifar10")
+           for stage in ("old", "independent", "bct", "simclr", "fct", "fct_side", "fastfill",
+                         "bict")]
+RECIPES += [f"configs/synthetic/{stage}.yaml"
+            for stage in ("simclr", "fct", "fct_side", "fastfill", "bict")]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_pipeline_recipes_validate(recipe):
+    from pathlib import Path
+
+    from compatkit.methods import bict, fastfill, fct, simclr  # noqa: F401 (register)
+    from compatkit.train.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / recipe
+    cfg = load_config(path)
+    stage = path.stem
+    assert cfg.method.name == {"old": "independent", "independent": "independent",
+                               "fct_side": "fct"}.get(stage, stage)
+    if stage in ("fct", "fct_side", "fastfill", "bict"):
+        assert cfg.old_model and "new" in cfg.frozen_models and cfg.data.side == "new"
+        assert ("side" in cfg.frozen_models) is (stage == "fct_side")
+    if stage in ("old", "simclr"):
+        assert cfg.data.side == "old"
+
+
+def test_sweep_composes_the_stage_recipes(tmp_path, monkeypatch):
+    """With the omniglot recipes: λ_b and the model paths are the sweep's, the rest the recipes'."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import compatkit.train.loop as loop
+    from compatkit.methods import bict  # noqa: F401 (registers the method)
+
+    seen = []
+
+    def fake_train(cfg, out_dir):
+        seen.append(cfg)
+        metrics = {"self": {"map": 0.5}, "cross": {"map": 0.2}, "transformed": {"map": 0.3},
+                   "old_old": {"map": 0.25}}
+        return SimpleNamespace(artifact_dir=Path(out_dir) / "model", metrics=metrics)
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    root = Path(__file__).resolve().parents[1] / "configs" / "omniglot"
+    rows = bict_sweep(["train.epochs=1"], [0.5], tmp_path, old_model="runs/x/old/model",
+                      bct_config=root / "bct.yaml", bict_config=root / "bict.yaml")
+    one, two = seen
+    assert (one.method.name, one.method.weight, one.method.synthesize_new_classes) == \
+        ("bct", 0.5, True)
+    assert one.optim.name == "sgd" and one.train.epochs == 1
+    assert (two.method.name, two.method.inner, two.optim.name) == ("bict", 512, "adamw")
+    assert one.old_model == two.old_model == "runs/x/old/model"
+    assert two.frozen_models == {"new": str(tmp_path / "lambda_0.5" / "bct" / "model")}
+    assert rows[0].forward == {"map": 0.3} and rows[0].backward == {"map": 0.2}

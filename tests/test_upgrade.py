@@ -77,6 +77,8 @@ def test_wrong_version_hops_are_refused(chain):
         upgrade_features(fs, [p12, p12])
     with pytest.raises(CompatkitError, match="at least one"):
         upgrade_features(fs, [])
+    with pytest.raises(CompatkitError, match="no transformation of the chain"):
+        upgrade_features(fs, [p12], side=features("psi", 3, kind="side_info"))
 
 
 def test_dimension_mismatch_is_refused(tmp_path):

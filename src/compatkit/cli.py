@@ -5,6 +5,7 @@ User errors exit with status 2 and one line on stderr; ``--json`` prints one JSO
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -193,6 +194,51 @@ def backfill(
             typer.echo(f"{frac:.3f}  {values}  nfr={curve.nfr[i]:.4f}")
         for m, auc in curve.auc.items():
             typer.echo(f"auc {m}: trapezoid={auc['trapezoid']:.4f} mean={auc['mean']:.4f}")
+
+
+@app.command("upgrade-embeddings")
+def upgrade_embeddings(
+    features: Annotated[Path, typer.Option(help="stored gallery features file (.safetensors)")],
+    transformation: Annotated[list[Path], typer.Option(
+        help="transformation artifact or run folder; repeat to chain v1 → v2 → v3")],
+    out: Annotated[Path, typer.Option(help="upgraded features file to write")],
+    side_info: Annotated[Path | None, typer.Option(
+        help="side-information features of the same items (FCT)")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+) -> None:
+    """Upgrade stored embeddings with learned transformations, without images."""
+    from compatkit.artifacts import load_features, save_features
+    from compatkit.upgrade import upgrade_features
+
+    side = load_features(side_info) if side_info else None
+    fs = upgrade_features(load_features(features), [_artifact_dir(t) for t in transformation],
+                          side=side, device=device)
+    save_features(out, fs)
+    _out({"out": str(out), "model_version": fs.manifest.model_version,
+          "lineage": list(fs.manifest.lineage)})
+
+
+@app.command("bict-sweep")
+def bict_sweep(
+    bct_config: Annotated[Path, typer.Argument(help="YAML recipe of stage one (bct)")],
+    bict_config: Annotated[Path, typer.Argument(help="YAML recipe of stage two (bict)")],
+    old_model: Annotated[Path, typer.Option(help="old model artifact or run folder")],
+    lambdas: Annotated[list[float], typer.Option("--lambda", help="λ_b values; repeat")],
+    out: Annotated[Path, typer.Option(help="sweep folder")] = Path("runs/bict_sweep"),
+    set_: SetOpt = [],  # noqa: B006
+    bict_set: Annotated[list[str], typer.Option(
+        "--bict-set", help="override for stage two only")] = [],  # noqa: B006
+    metric: Annotated[str, typer.Option(help="metric of the printed table")] = "map",
+) -> None:
+    """BiCT λ_b sweep: BCT(λ_b) then the forward transformation; self, backward and forward
+    retrieval per λ_b (JSON on stdout, a markdown table on stderr)."""
+    from compatkit.experiments import bict_sweep as run_sweep
+    from compatkit.experiments import format_sweep
+
+    rows = run_sweep(set_, lambdas, out, old_model=_artifact_dir(old_model),
+                     bct_config=bct_config, bict_config=bict_config, bict_overrides=bict_set)
+    typer.echo(format_sweep(rows, metric), err=True)
+    _out({"rows": [dataclasses.asdict(row) for row in rows]})
 
 
 @app.command()

@@ -41,8 +41,9 @@ class BiCTSweepRow:
 
 def bict_sweep(
     base_overrides: Sequence[str], lambdas: Sequence[float], out_dir: str | Path, *,
-    old_model: str | Path, config: str | Path | None = None,
-    bct_overrides: Sequence[str] = (), bict_overrides: Sequence[str] = (),
+    old_model: str | Path, bct_config: str | Path | None = None,
+    bict_config: str | Path | None = None, bct_overrides: Sequence[str] = (),
+    bict_overrides: Sequence[str] = (),
 ) -> list[BiCTSweepRow]:
     """Train BCT(λ_b) then BiCT's ψ for every λ_b; write ``bict_sweep.json`` into ``out_dir``.
 
@@ -51,7 +52,9 @@ def bict_sweep(
         lambdas: the λ_b values (BCT weights, >= 0), in table order.
         out_dir: runs go to ``out_dir/lambda_<λ>/{bct,bict}``.
         old_model: the frozen old model artifact φ_o.
-        config: optional YAML recipe under the overrides.
+        bct_config, bict_config: optional YAML recipes of the two stages (e.g.
+            ``configs/omniglot/{bct,bict}.yaml``); the sweep sets their method name, λ_b, old
+            model and new model and keeps their other method fields.
         bct_overrides, bict_overrides: stage-specific overrides (e.g. the transformation's
             optimiser), applied after ``base_overrides``.
 
@@ -75,13 +78,12 @@ def bict_sweep(
         tag = f"{float(lam):g}"
         run_dir = out_dir / f"lambda_{tag}"
         common = [*base_overrides, f"old_model={old_model}"]
-        stage_one = load_config(config, [*common, f"name=bct-l{tag}",
-                                         f"method={{name: bct, weight: {float(lam)!r}}}",
-                                         *bct_overrides])
+        stage_one = load_config(bct_config, [*common, f"name=bct-l{tag}", "method.name=bct",
+                                             f"method.weight={float(lam)!r}", *bct_overrides])
         new = train(stage_one, run_dir / "bct")
-        stage_two = load_config(config, [*common, f"name=bict-l{tag}", "method={name: bict}",
-                                         f"frozen_models.new={new.artifact_dir}",
-                                         *bict_overrides])
+        stage_two = load_config(bict_config, [*common, f"name=bict-l{tag}", "method.name=bict",
+                                              f"frozen_models.new={new.artifact_dir}",
+                                              *bict_overrides])
         psi = train(stage_two, run_dir / "bict")
         m = psi.metrics
         rows.append(BiCTSweepRow(

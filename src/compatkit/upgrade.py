@@ -162,14 +162,15 @@ def upgrade_features(
     Raises:
         IncompatibleSpacesError: a hop whose ``transforms_from`` is not the current version, or
             whose input dimension differs from the features'.
-        CompatkitError: no transformations, a non-transformation artifact, or missing/mismatched
-            side-information.
+        CompatkitError: no transformations, a non-transformation artifact, or missing,
+            mismatched or unused side-information.
     """
     if not transformations:
         raise CompatkitError("upgrade needs at least one transformation")
     current = features.features
     version = features.manifest.model_version
     lineage = list(features.manifest.lineage or (version,))
+    used_side = False
     for path in transformations:
         module, manifest = _load_transformation(path, device)
         hop = f"transformation {manifest.model_version} ({path})"
@@ -182,11 +183,15 @@ def upgrade_features(
                 f"{hop} takes {module.d_in}-d vectors of {manifest.transforms_from}, but the "
                 f"features of {version} are {current.shape[1]}-d")
         side_arr = _check_side(side, features, module, hop)
+        used_side = used_side or side_arr is not None
         current = apply_transformation(module, current, side_arr, batch_size=batch_size,
                                        normalize=manifest.normalized)
         version = manifest.transforms_to
         lineage += [manifest.model_version, version]
         log.info("upgraded %d vectors %s → %s", current.shape[0], lineage[-3], version)
+    if side is not None and not used_side:
+        raise CompatkitError("side-information was given but no transformation of the chain "
+                             "has a side branch")
     out_manifest = Manifest(
         kind="model", model_version=version, spec={}, embed_dim=int(current.shape[1]),
         normalized=manifest.normalized, method=manifest.method, lineage=tuple(lineage),

@@ -29,9 +29,7 @@ def test_case11_auc_trapezoid_and_mean():
         auc_trapezoid([0, 1], [0.5])
 
 
-@pytest.mark.parametrize(
-    ("order", "top1_correct"), [([1, 0], [1, 0, 1]), ([0, 1], [1, 1, 1])]
-)
+@pytest.mark.parametrize(("order", "top1_correct"), [([1, 0], [1, 0, 1]), ([0, 1], [1, 1, 1])])
 def test_case12_mixed_gallery_flip(order, top1_correct):
     curve = backfill_curve(
         Q, QL, OLD, NEW, GL, order, fractions=[0, 0.5, 1], metrics=["cmc@1"], old_query=Q
@@ -77,13 +75,25 @@ METRICS = ["map", "cmc@1", "cmc@3", "map@r", "map@5", "precision@2"]
 def test_fast_curve_equals_reranking_from_scratch(seed):
     exclude_self, ties, ints = seed % 3 == 0, seed % 4 == 1, seed % 2 == 0
     distance = ["cosine", "l2"][seed % 2]
-    q, ql, go, gn, gl, oq, order = random_problem(seed, exclude_self=exclude_self, ties=ties,
-                                                  ints=ints)
+    q, ql, go, gn, gl, oq, order = random_problem(
+        seed, exclude_self=exclude_self, ties=ties, ints=ints
+    )
     fractions = [0, 0.1, 0.3, 0.3, 0.5, 0.77, 1.0]
     try:
         curve = backfill_curve(
-            q, ql, go, gn, gl, order, fractions=fractions, metrics=METRICS, distance=distance,
-            exclude_self=exclude_self, old_query=oq, chunk_size=1 + seed, query_block=2 + seed,
+            q,
+            ql,
+            go,
+            gn,
+            gl,
+            order,
+            fractions=fractions,
+            metrics=METRICS,
+            distance=distance,
+            exclude_self=exclude_self,
+            old_query=oq,
+            chunk_size=1 + seed,
+            query_block=2 + seed,
         )
     except ValueError as exc:
         assert "no query has a positive" in str(exc)
@@ -91,19 +101,22 @@ def test_fast_curve_equals_reranking_from_scratch(seed):
     ref = top_k_correct(oq, ql, go, gl, distance=distance, exclude_self=exclude_self)
     for step, f in enumerate(fractions):
         mixed = mixed_gallery(go, gn, order, f)
-        want = retrieval_metrics(q, ql, mixed, gl, metrics=METRICS, distance=distance,
-                                 exclude_self=exclude_self)
+        want = retrieval_metrics(
+            q, ql, mixed, gl, metrics=METRICS, distance=distance, exclude_self=exclude_self
+        )
         for name in METRICS:
             assert curve.metrics[name][step] == pytest.approx(want[name], abs=1e-12), (step, name)
-        flips = flip_rates(ref, top_k_correct(q, ql, mixed, gl, distance=distance,
-                                              exclude_self=exclude_self))
+        flips = flip_rates(
+            ref, top_k_correct(q, ql, mixed, gl, distance=distance, exclude_self=exclude_self)
+        )
         assert (curve.nfr[step], curve.pfr[step], curve.nfi[step]) == pytest.approx(flips)
 
 
 def test_end_points_are_cross_and_self_test_exactly():
     q, ql, go, gn, gl, oq, order = random_problem(7)
-    curve = backfill_curve(q, ql, go, gn, gl, order, steps=21, metrics=["map", "cmc@1"],
-                           old_query=oq, chunk_size=8)
+    curve = backfill_curve(
+        q, ql, go, gn, gl, order, steps=21, metrics=["map", "cmc@1"], old_query=oq, chunk_size=8
+    )
     cross = retrieval_metrics(q, ql, go, gl, metrics=["map", "cmc@1"], chunk_size=8)
     self_ = retrieval_metrics(q, ql, gn, gl, metrics=["map", "cmc@1"], chunk_size=8)
     assert len(curve.fractions) == 21 and curve.fractions[0] == 0 and curve.fractions[-1] == 1
@@ -113,24 +126,42 @@ def test_end_points_are_cross_and_self_test_exactly():
 
 
 def test_previous_step_reference_and_top_k():
-    curve = backfill_curve(Q, QL, OLD, NEW, GL, [1, 0], fractions=[0, 0.5, 1],
-                           metrics=["cmc@1"], reference="previous_step")
+    curve = backfill_curve(
+        Q,
+        QL,
+        OLD,
+        NEW,
+        GL,
+        [1, 0],
+        fractions=[0, 0.5, 1],
+        metrics=["cmc@1"],
+        reference="previous_step",
+    )
     assert curve.nfr == [0.0, 1.0, 0.0] and curve.pfr == [0.0, 0.0, 1.0]
-    top2 = backfill_curve(Q, QL, OLD, NEW, GL, [1, 0], fractions=[0, 0.5, 1],
-                          metrics=["cmc@1"], old_query=Q, top_k=2)
+    top2 = backfill_curve(
+        Q, QL, OLD, NEW, GL, [1, 0], fractions=[0, 0.5, 1], metrics=["cmc@1"], old_query=Q, top_k=2
+    )
     assert top2.nfr == [0.0, 0.0, 0.0]  # with only 2 items every query hits in its top 2
 
 
 def test_summary_regression_and_json():
     curve = BackfillCurve(
-        fractions=(0, 0.5, 1), counts=(0, 1, 2), metrics={"map": [0.5, 0.4, 0.7]},
-        nfr=[0.0, 0.2, 0.1], pfr=[0.0, 0.0, 0.3], nfi=[0.0, 0.5, 0.2], reference="old_old",
-        top_k=1, ordering="random",
+        fractions=(0, 0.5, 1),
+        counts=(0, 1, 2),
+        metrics={"map": [0.5, 0.4, 0.7]},
+        nfr=[0.0, 0.2, 0.1],
+        pfr=[0.0, 0.0, 0.3],
+        nfi=[0.0, 0.5, 0.2],
+        reference="old_old",
+        top_k=1,
+        ordering="random",
     )
     assert curve.auc["map"]["trapezoid"] == pytest.approx(0.5 * (0.45 + 0.55))
     assert curve.auc["map"]["mean"] == pytest.approx(1.6 / 3)
-    assert curve.regression["map"] == {"min_minus_start": pytest.approx(-0.1),
-                                       "decreasing_steps": 1}
+    assert curve.regression["map"] == {
+        "min_minus_start": pytest.approx(-0.1),
+        "decreasing_steps": 1,
+    }
     assert curve.regression["max_nfr"] == 0.2
     assert curve.regression["mean_nfr"] == pytest.approx(0.1)
     js = json.loads(json.dumps(curve.to_json()))

@@ -42,8 +42,10 @@ def test_case8_cross_test_wiring_same_model_equals_self_and_random_is_chance():
         "old": EmbeddingSet(q, ql, g, gl),
         "same": EmbeddingSet(q.copy(), ql, g.copy(), gl),
         "random": EmbeddingSet(
-            rng.normal(size=q.shape).astype(np.float32), ql,
-            rng.normal(size=g.shape).astype(np.float32), gl,
+            rng.normal(size=q.shape).astype(np.float32),
+            ql,
+            rng.normal(size=g.shape).astype(np.float32),
+            gl,
         ),
     }
     m = compatibility_matrix(feats, metrics=["map", "cmc@1"], paragon=None)
@@ -68,16 +70,20 @@ def test_matrix_criterion_gain_json_and_markdown():
         "old": EmbeddingSet(noisy, ql, noisy_g, gl),
         "new": EmbeddingSet(q, ql, g, gl),
         "independent": EmbeddingSet(q, ql, g, gl),
-        "wide": EmbeddingSet(np.ones((len(q), 5), np.float32), ql, np.ones((len(g), 5),
-                             np.float32), gl),
+        "wide": EmbeddingSet(
+            np.ones((len(q), 5), np.float32), ql, np.ones((len(g), 5), np.float32), gl
+        ),
     }
     m = compatibility_matrix(feats, metrics=["map"])
     assert isinstance(m, CompatibilityMatrix)
     assert m.value("wide", "old", "map") is None  # different dims: not comparable, no error
     crit, gains = m.criterion(), m.update_gains()
     assert crit["wide"]["map"] is None
-    base, cross, top = (m.value("old", "old", "map"), m.value("new", "old", "map"),
-                        m.value("independent", "independent", "map"))
+    base, cross, top = (
+        m.value("old", "old", "map"),
+        m.value("new", "old", "map"),
+        m.value("independent", "independent", "map"),
+    )
     assert crit["new"]["map"] == (cross > base)
     assert gains["new"]["map"] == pytest.approx((cross - base) / (top - base))
     js = m.to_json()
@@ -122,7 +128,9 @@ def test_average_compatibility_conventions():
     )
     assert average_compatibility(m, violation="<") == pytest.approx(2 / 3)
     assert average_compatibility(m, violation="<=") == pytest.approx(1 / 3)
-    assert average_multimodel_accuracy(m) == pytest.approx((0.5 + 0.5 + 0.6 + 0.55 + 0.58 + 0.7) / 6)
+    assert average_multimodel_accuracy(m) == pytest.approx(
+        (0.5 + 0.5 + 0.6 + 0.55 + 0.58 + 0.7) / 6
+    )
     with pytest.raises(ValueError, match="at least two"):
         average_compatibility([[0.5]])
     with pytest.raises(ValueError, match="square"):

@@ -32,3 +32,18 @@ def test_top_k_correct():
     ql, gl = np.array([0, 5]), np.array([1, 0, 1])
     np.testing.assert_array_equal(top_k_correct(q, ql, g, gl, k=1), [False, False])
     np.testing.assert_array_equal(top_k_correct(q, ql, g, gl, k=2), [True, False])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_top_k_correct_agrees_with_engine_cmc_on_ties(k):
+    from compatkit.eval.metrics import per_query_metrics
+
+    rng = np.random.default_rng(k)
+    g = rng.integers(-2, 3, (50, 3)).astype(np.float32)
+    gl = rng.integers(0, 4, 50)
+    got = top_k_correct(g, gl, g, gl, k=k, distance="l2", exclude_self=True, chunk_size=7)
+    cmc = per_query_metrics(g, gl, g, gl, metrics=[f"cmc@{k}"], distance="l2", exclude_self=True)[
+        f"cmc@{k}"
+    ]
+    np.testing.assert_array_equal(got, np.nan_to_num(cmc) > 0.5)
+    assert 0 < got.sum() < 50

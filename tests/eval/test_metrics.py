@@ -213,8 +213,15 @@ def test_chunked_equals_dense(seed, chunk_size, query_block, distance, exclude_s
             retrieval_metrics(q, ql, g, gl, distance=distance, exclude_self=exclude_self)
         return
     got = per_query_metrics(
-        q, ql, g, gl, metrics=ALL, distance=distance, exclude_self=exclude_self,
-        chunk_size=chunk_size, query_block=query_block,
+        q,
+        ql,
+        g,
+        gl,
+        metrics=ALL,
+        distance=distance,
+        exclude_self=exclude_self,
+        chunk_size=chunk_size,
+        query_block=query_block,
     )
     for name in ALL:
         np.testing.assert_allclose(got[name], want[name], atol=1e-12, err_msg=name)

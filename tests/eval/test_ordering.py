@@ -77,8 +77,9 @@ def test_given_order_from_files(tmp_path):
     np.save(tmp_path / "o.npy", np.array([1, 0, 2]))
     (tmp_path / "o.txt").write_text("2\n1\n0\n")
     np.testing.assert_array_equal(backfill_order("given", 3, order=tmp_path / "o.npy"), [1, 0, 2])
-    np.testing.assert_array_equal(backfill_order("given", 3, order=str(tmp_path / "o.txt")),
-                                  [2, 1, 0])
+    np.testing.assert_array_equal(
+        backfill_order("given", 3, order=str(tmp_path / "o.txt")), [2, 1, 0]
+    )
     with pytest.raises(FileNotFoundError):
         backfill_order("given", 3, order=tmp_path / "missing.npy")
 

@@ -33,7 +33,18 @@ def fill(store: IndexStore, n: int, name: str = "c", version: str = "vA"):
 
 
 @pytest.fixture()
-def make_model(tmp_path):
+def torch_one_thread():
+    """One torch thread while the test runs (two threads on a shared 2-core box crawl)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def make_model(tmp_path, torch_one_thread):
     """A function saving a tiny random image model artifact; returns its folder."""
     import torch
 
@@ -55,7 +66,7 @@ def make_model(tmp_path):
 
 
 @pytest.fixture()
-def make_transformation(tmp_path):
+def make_transformation(tmp_path, torch_one_thread):
     """A function saving a tiny random transformation artifact; returns its folder."""
     import torch
 

@@ -160,3 +160,12 @@ def test_another_process_writes_are_seen(store):
     other.collection("c").delete(["i0"])
     hits = coll.search(source="late", k=10).hits
     assert hits[0].id == "late" and "i0" not in [h.id for h in hits]
+
+
+def test_a_recreated_collection_is_not_served_from_a_stale_cache(store):
+    coll = fill(store, 3)
+    assert len(coll.search(source="src0", k=10).hits) == 3  # the cache is built
+    other = IndexStore(store.root)
+    other.drop_collection("c")
+    other.create_collection("c", "vA").add([ItemInput("only", source="x")])
+    assert [h.id for h in coll.search(source="src0", k=10).hits] == ["only"]

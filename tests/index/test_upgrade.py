@@ -318,3 +318,54 @@ def test_hot_refresh_needs_compatibility_and_one_job_at_a_time(tmp_path):
     coll.start_upgrade("vB", strategy="cold")
     with pytest.raises(StateConflictError, match=r"collection 'c' has upgrade job 1 \(running\)"):
         coll.start_upgrade("vB", strategy="cold")
+
+
+def test_transformation_with_side_information(tmp_path, make_transformation):
+    from compatkit.index import HashEmbedder
+    from compatkit.upgrade import apply_transformation
+
+    st = IndexStore(tmp_path / "s")
+    hash_versions(st)
+    st.declare_compatible("vB", "vA")
+    st.register_version("side", dim=4, kind="side_info", embedder=HashEmbedder("side", 4, seed=9))
+    rel = st.register_artifact(make_transformation("t", "vA", "vB", d_side=4),
+                               side_version="side")
+    coll = st.create_collection("c", "vA", side_versions=["side"])
+    side_raw = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
+    coll.add([ItemInput(f"i{i}", source=f"src{i}") for i in range(4)]
+             + [ItemInput("raw", vector=np.ones(DIM), side={"side": side_raw})])
+    assert coll.get("i0").side_versions == ("side",)
+    job = coll.start_upgrade("vB", strategy="transform", batch_size=2).job
+    assert job_status(st, job).phases == ("transform(live, random)",)
+    assert run_backfill(st, job).written == 5
+    ids = ["i0", "i1", "i2", "i3"]
+    old = st.embedder("vA").embed_sources([f"src{i}" for i in range(4)])
+    side = st.embedder("side").embed_sources([f"src{i}" for i in range(4)])
+    module = st.transformer(rel).module
+    expected = apply_transformation(module, np.vstack([old, np.ones((1, DIM))]),
+                                    np.vstack([side, side_raw]))
+    for row, item_id in enumerate([*ids, "raw"]):
+        cur = coll.get(item_id, with_vectors=True).current
+        assert (cur.version, cur.transformed_from) == ("vB", "vA")
+        np.testing.assert_allclose(cur.vector, expected[row], rtol=1e-5, atol=1e-6)
+
+
+def test_an_item_added_while_the_upgrade_is_planned_is_not_skipped(store, monkeypatch):
+    from compatkit.index import upgrade as up
+
+    coll = fill(store, 4)
+    real_plan = up._plan_order
+    calls = []
+
+    def plan_with_a_concurrent_add(*args, **kwargs):
+        out = real_plan(*args, **kwargs)
+        if not calls:  # another client adds an item between the plan and the job's creation
+            coll.add([ItemInput("late", source="late")])
+        calls.append(1)
+        return out
+
+    monkeypatch.setattr(up, "_plan_order", plan_with_a_concurrent_add)
+    status = coll.start_upgrade("vB", batch_size=10)
+    assert (len(calls), status.total) == (2, 5)  # planned again, with the new item
+    assert run_backfill(store, status.job).written == 5
+    assert coll.get("late").current.version == "vB"

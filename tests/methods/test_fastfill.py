@@ -138,6 +138,7 @@ def test_classifier_checks():
 
 def test_learned_sigma_ranks_hard_samples_first():
     """Items whose new feature has an unpredictable part (old[:, 0] > 0) get a larger s(x)."""
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     old = torch.randn(600, 4, generator=g)

@@ -35,6 +35,7 @@ def class_gaussians(seed: int, *, classes: int = 10, per_class: int = 40, dim: i
 def fit(t: Transformation, old, target, side=None, *, steps: int = 400, lr: float = 3e-3,
         seed: int = 0) -> Transformation:
     """A plain Adam/MSE loop over tensors (minibatches of 100), then eval mode."""
+    torch.set_num_threads(1)  # tiny matrices: threads only contend on a shared machine
     torch.manual_seed(seed)
     opt = torch.optim.Adam(t.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -233,6 +234,16 @@ def test_transformed_gallery_is_normalised_when_the_new_space_is():
     ctx.model.normalize = True
     out = method.evaluation_embedders().galleries["transformed"](batch().images)
     assert torch.allclose(out.norm(dim=1), torch.ones(len(out)))
+
+
+@pytest.mark.parametrize("name", ["fct", "fastfill", "bict", "simclr"])
+def test_configs_are_registered_and_strict(name):
+    from compatkit.methods import bict, fastfill, simclr  # noqa: F401 (register)
+    from compatkit.methods.base import method_config_from_dict
+
+    assert method_config_from_dict({"name": name}).name == name
+    with pytest.raises(ValueError, match="temprature"):
+        method_config_from_dict({"name": name, "temprature": 0.05})
 
 
 def test_missing_new_model_is_a_clear_error():

@@ -166,46 +166,49 @@ def _check_fractions(fractions: Sequence[float] | None, steps: int) -> list[floa
 
 class _StepHistograms:
     """Item bins per step: step 0 holds every item in its old state, step t adds the change of
-    the items that switch at t; prefix sums over steps give each step's histogram."""
+    the items that switch at t; prefix sums over steps give each step's histogram. A spare last
+    step collects the items that never switch. Laid out bin-major, so the scattered adds of one
+    query stay within a small region."""
 
     def __init__(self, steps: int, nbins: int, device: torch.device) -> None:
-        self.steps, self.nbins = steps, nbins
-        self.ge = torch.zeros(steps * nbins, dtype=torch.int64, device=device)
-        self.rank_delta = torch.zeros(steps * nbins, dtype=torch.int64, device=device)
+        self.steps, self.nbins, self.width = steps, nbins, steps + 1
+        self.ge = torch.zeros(nbins * self.width, dtype=torch.int64, device=device)
+        self.rank_delta = torch.zeros(nbins * self.width, dtype=torch.int64, device=device)
 
-    def _add(
-        self, target: torch.Tensor, step: torch.Tensor | int, bins: torch.Tensor, sign: int
+    def _moves(
+        self,
+        target: torch.Tensor,
+        at: torch.Tensor,
+        bin_from: torch.Tensor,
+        bin_to: torch.Tensor,
+        base: torch.Tensor | None,
     ) -> None:
-        idx = bins + step * self.nbins
-        target.index_add_(0, idx, torch.full_like(idx, sign))
+        """+1 at (base, 0), −1 at (bin_from, at), +1 at (bin_to, at), in one scatter."""
+        w = self.width
+        parts = [bin_to * w + at, bin_from * w + at]
+        weights = [torch.ones_like(bin_to), -torch.ones_like(bin_from)]
+        if base is not None:
+            parts.append(base * w)
+            weights.append(torch.ones_like(base))
+        target.index_add_(0, torch.cat(parts), torch.cat(weights))
 
     def add(self, old: Positions, new: Positions, switch: torch.Tensor) -> None:
         """``switch``: (n,) step at which each item turns new (``steps`` = never)."""
-        self._add(self.ge, 0, old.bin, 1)
-        moving = torch.nonzero((switch < self.steps) & (old.bin != new.bin)).view(-1)
-        if moving.numel():
-            t = switch[moving]
-            self._add(self.ge, t, new.bin[moving], 1)
-            self._add(self.ge, t, old.bin[moving], -1)
-        # rank bins differ from ge bins only at ties with a positive
-        for pos, sign_base, sign_switch in ((old, 1, -1), (new, 0, 1)):
-            if not pos.tie_idx.numel():
-                continue
-            i = pos.tie_idx
-            if sign_base:
-                self._add(self.rank_delta, 0, pos.tie_bin, 1)
-                self._add(self.rank_delta, 0, pos.bin[i], -1)
-            on = torch.nonzero(switch[i] < self.steps).view(-1)
-            if on.numel():
-                t = switch[i[on]]
-                self._add(self.rank_delta, t, pos.tie_bin[on], sign_switch)
-                self._add(self.rank_delta, t, pos.bin[i[on]], -sign_switch)
+        self._moves(self.ge, switch, old.bin, new.bin, old.bin)
+        # rank bins differ from ge bins only at ties with a positive: add (rank − ge) there
+        if old.tie_idx.numel():
+            i = old.tie_idx
+            self._moves(self.rank_delta, switch[i], old.tie_bin, old.bin[i], old.tie_bin)
+            self.rank_delta.index_add_(0, old.bin[i] * self.width, -torch.ones_like(i))
+        if new.tie_idx.numel():
+            i = new.tie_idx
+            self._moves(self.rank_delta, switch[i], new.bin[i], new.tie_bin, None)
 
     def per_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(steps, nbins) histograms for n_ge and for rank."""
-        ge = torch.cumsum(self.ge.view(self.steps, self.nbins), 0)
-        rank = ge + torch.cumsum(self.rank_delta.view(self.steps, self.nbins), 0)
-        return ge, rank
+        ge = torch.cumsum(self.ge.view(self.nbins, self.width), 1)[:, : self.steps]
+        delta = torch.cumsum(self.rank_delta.view(self.nbins, self.width), 1)[:, : self.steps]
+        return ge.T.contiguous(), (ge + delta).T.contiguous()
 
 
 def _step_ranks(
@@ -420,9 +423,9 @@ def _walk_block_curve(
             own = torch.nonzero((block.qidx >= g_sl.start) & (block.qidx < g_sl.stop)).view(-1)
             s_o[own, block.qidx[own] - g_sl.start] = -torch.inf
             s_n[own, block.qidx[own] - g_sl.start] = -torch.inf
-        rows, cols, (v_o, v_n) = chunk_candidates([s_o, s_n], sp.lo, g_sl.start, mask)
-        if rows.numel():
-            hist.add(table.locate(rows, cols, v_o), table.locate(rows, cols, v_n), switch[cols])
+        cand = chunk_candidates([s_o, s_n], sp.lo, g_sl.start, mask)
+        if cand.rows.numel():
+            hist.add(table.locate(cand, 0), table.locate(cand, 1), switch[cand.cols()])
     ge, rank = hist.per_step()
     n_ge_all = reverse_segment_counts(sp, ge)
     rank_all = reverse_segment_counts(sp, rank)

@@ -12,8 +12,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from compatkit.eval.metrics import per_query_metrics
-from compatkit.eval.retrieval import DEFAULT_QUERY_BLOCK, Distance, check_positive_int
+from compatkit.eval.metrics import check_exclude_self
+from compatkit.eval.retrieval import (
+    DEFAULT_QUERY_BLOCK,
+    Distance,
+    as_features,
+    as_labels,
+    check_distance,
+    check_positive_int,
+    knn,
+)
 
 
 class FlipRates(NamedTuple):
@@ -75,7 +83,8 @@ def top_k_correct(
     chunk_size: int = 4096,
     query_block: int = DEFAULT_QUERY_BLOCK,
 ) -> np.ndarray:
-    """Per-query correctness: a positive among the top k (ties to the lower gallery index).
+    """Per-query correctness: a positive among the top k (ties to the lower gallery index),
+    from an exact :func:`knn`; agrees with the engine's ``cmc@k`` per query.
 
     Queries without any positive in the gallery are never correct.
 
@@ -83,16 +92,20 @@ def top_k_correct(
         returns: (nq,) bool.
     """
     k = check_positive_int(k, "k")
-    name = f"cmc@{k}"
-    hits = per_query_metrics(
-        query,
-        query_labels,
+    check_distance(distance)
+    q = as_features(query, "query")
+    ql = as_labels(query_labels, q.shape[0], "query_labels")
+    gl = as_labels(gallery_labels, np.shape(gallery)[0], "gallery_labels")
+    check_exclude_self(exclude_self, ql, gl)
+    nn = knn(
+        q,
         gallery,
-        gallery_labels,
-        metrics=(name,),
+        k,
         distance=distance,
         exclude_self=exclude_self,
         chunk_size=chunk_size,
         query_block=query_block,
-    )[name]
-    return np.nan_to_num(hits, nan=0.0) > 0.5
+    ).indices
+    gl_np, ql_np = gl.cpu().numpy(), ql.cpu().numpy()
+    hit = (nn >= 0) & (gl_np[np.maximum(nn, 0)] == ql_np[:, None])
+    return hit.any(axis=1)

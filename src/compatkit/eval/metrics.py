@@ -3,8 +3,10 @@
 Every metric derives from the positives of each query: for each positive we count the gallery
 items scoring at least as high (sklearn threshold semantics, for ``map``) and the items ranked
 above it with ties going to the lower gallery index (for rank metrics). The walk scores one
-(query block × gallery chunk) at a time and only looks closely at items whose score lies between
-the query's lowest and highest positive score; it never holds an (nq, ng) matrix.
+(query block × gallery chunk) at a time, never an (nq, ng) matrix. Items scoring below a
+query's lowest positive are skipped; the others are placed among the query's sorted positive
+scores by a per-query bucket table (exact: only items sharing a bucket with a positive are
+binary-searched) and counted in a histogram, whose reverse prefix sums give every count.
 
 Metric names (the table :data:`METRICS`): ``map``, ``map@r``, ``map@k`` (e.g. ``map@100``),
 ``cmc@k`` (alias ``recall@k``), ``precision@k``. Every metric averages over the queries that
@@ -457,18 +459,12 @@ class Positions:
     (score, -index) key is below the item's) equals ``bin`` except at ``tie_idx``.
 
     Shapes:
-        bin: (n,) int64.  tie_idx, tie_bin: (t,) int64.
+        bin: (n,) int32 or int64.  tie_idx, tie_bin: (t,) int64.
     """
 
     bin: torch.Tensor
     tie_idx: torch.Tensor
     tie_bin: torch.Tensor
-
-    @property
-    def rank_bin(self) -> torch.Tensor:
-        out = self.bin.clone()
-        out[self.tie_idx] = self.tie_bin
-        return out
 
 
 def locate_exact(
@@ -494,31 +490,35 @@ class BucketTable:
     the others.
     """
 
-    def __init__(self, sp: SortedPositives, *, buckets_per_positive: int = 16) -> None:
+    def __init__(
+        self, sp: SortedPositives, *, buckets_per_positive: int = 8, max_buckets: int = 2048
+    ) -> None:
         self.sp = sp
         dev = sp.score.device
         nb = sp.num_rows
         m = sp.offsets[1:] - sp.offsets[:-1]
         max_m = int(m.max()) if nb else 0
-        self.n_buckets = int(min(4096, max(256, 1 << (buckets_per_positive * max_m).bit_length())))
+        wanted = 1 << (buckets_per_positive * max_m).bit_length()
+        self.n_buckets = int(min(max_buckets, max(256, wanted)))
         span = (sp.hi - sp.lo).clamp(min=0)
         span = torch.where(torch.isfinite(span), span, 0.0)
         lo = torch.where(torch.isfinite(sp.lo), sp.lo, 0.0)
         span = torch.where(span > 0, span, lo.abs().clamp(min=1.0) * 2.0**-20)
         # power-of-two scale: hi lands at most at bucket B - 2 (2 below lo are left empty)
-        exponent = torch.floor(torch.log2((self.n_buckets - 4) / span))
+        exponent = torch.floor(torch.log2((self.n_buckets - 4) / span)).clamp(-100, 100)
         self.scale = torch.exp2(exponent).to(torch.float32)
         self.base = (lo - 2.0 / self.scale).to(torch.float32)
         # rows without positives: everything falls in bucket 0, which counts towards nobody
         self.base = torch.where(m > 0, self.base, torch.inf)
         self.scale = torch.where(m > 0, self.scale, 1.0)
         self.dump = sp.num_bins
-        pb = self.bucket(sp.row, sp.score)
-        flat = sp.row * self.n_buckets + pb
-        counts = torch.bincount(flat, minlength=nb * self.n_buckets).view(nb, self.n_buckets)
-        below = torch.cumsum(counts, dim=1) - counts
-        binbase = (sp.offsets[:-1] + torch.arange(nb, device=dev))[:, None]
-        table = torch.where(counts > 0, self.dump, binbase + below)
+        flat = sp.row * self.n_buckets + self.bucket(sp.row, sp.score)
+        counts = torch.zeros(nb * self.n_buckets, dtype=torch.int32, device=dev)
+        counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        counts = counts.view(nb, self.n_buckets)
+        below = torch.cumsum(counts, dim=1, dtype=torch.int32).sub_(counts)
+        binbase = (sp.offsets[:-1] + torch.arange(nb, device=dev)).to(torch.int32)[:, None]
+        table = below.add_(binbase).masked_fill_(counts > 0, self.dump)
         self.table = table.view(-1)
 
     def bucket(self, rows: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
@@ -526,23 +526,44 @@ class BucketTable:
         x.mul_(self.scale.index_select(0, rows)).clamp_(0, self.n_buckets - 1)
         return x.to(torch.int64)
 
-    def locate(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> Positions:
-        """Bins of items (query row, gallery index, score); exact search only where needed."""
+    def locate(self, cand: Candidates, which: int = 0) -> Positions:
+        """Bins of the candidates' scores in matrix ``which``; exact search only where needed."""
+        rows, vals = cand.rows, cand.vals[which]
         idx = self.bucket(rows, vals).add_(rows * self.n_buckets)
         bins = self.table.index_select(0, idx)
         exact = torch.nonzero(bins == self.dump).view(-1)
         if not exact.numel():
             return Positions(bins, exact, exact)
-        found = locate_exact(self.sp, rows[exact], cols[exact], vals[exact])
-        bins[exact] = found.bin
+        found = locate_exact(self.sp, rows[exact], cand.cols(exact), vals[exact])
+        bins[exact] = found.bin.to(bins.dtype)
         return Positions(bins, exact[found.tie_idx], found.tie_bin)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Items of one (query block × gallery chunk) that may reach a positive.
+
+    Shapes (n = items): rows, flat: (n,) int64 query row and row-major position in the chunk;
+    vals: one (n,) float32 score array per score matrix.
+    """
+
+    rows: torch.Tensor
+    flat: torch.Tensor
+    vals: list[torch.Tensor]
+    width: int
+    col_start: int
+
+    def cols(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Gallery indices of all items, or of ``idx`` only."""
+        flat, rows = (self.flat, self.rows) if idx is None else (self.flat[idx], self.rows[idx])
+        return flat - rows * self.width + self.col_start
 
 
 def chunk_candidates(
     scores: Sequence[torch.Tensor], lo: torch.Tensor, col_start: int, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Chunk items scoring >= their row's ``lo`` in any of ``scores`` (the others reach no
-    positive and count for nothing): (rows, gallery indices, their score in each matrix).
+) -> Candidates:
+    """Chunk items scoring >= their row's ``lo`` in any of ``scores``; the others reach no
+    positive and count for nothing.
 
     ``mask`` is a bool buffer with at least as many elements as a score matrix. On CPU the
     compaction runs in numpy, whose ``flatnonzero`` is several times faster than torch's.
@@ -565,8 +586,7 @@ def chunk_candidates(
         flat = torch.nonzero(m.view(-1)).view(-1)
         rows = torch.div(flat, width, rounding_mode="floor")
     vals = [sc.view(-1).index_select(0, flat) for sc in scores]
-    cols = flat.sub_(rows * width).add_(col_start)
-    return rows, cols, vals
+    return Candidates(rows, flat, vals, width, col_start)
 
 
 class Counter:
@@ -656,9 +676,9 @@ def walk_block(
     for g_sl in blocks(ng, chunk_size):
         s = score_block(qb, gp, slice(None), g_sl, out=buf)
         overwrite_positive_scores(s, sp, g_sl, block.qidx, exclude_self)
-        rows, cols, (vals,) = chunk_candidates([s], sp.lo, g_sl.start, mask)
-        if rows.numel():
-            counter.add(table.locate(rows, cols, vals))
+        cand = chunk_candidates([s], sp.lo, g_sl.start, mask)
+        if cand.rows.numel():
+            counter.add(table.locate(cand))
     return counter.finish()
 
 

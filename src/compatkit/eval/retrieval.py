@@ -64,6 +64,9 @@ def as_features(x: Any, name: str) -> torch.Tensor:
             f"{name} must have at least one feature column, got shape {tuple(t.shape)}"
         )
     t = t.to(torch.float32).contiguous()
+    # one cheap pass when all is well (a sum overflowing to inf only triggers the full check)
+    if t.numel() and bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return t
     finite_rows = torch.isfinite(t).all(dim=1)
     if not bool(finite_rows.all()):
         bad_rows = torch.nonzero(~finite_rows)[:, 0]
@@ -238,17 +241,26 @@ def blocks(n: int, size: int) -> Iterator[slice]:
 
 def _topk_lowest_index(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k per row where ties at the k-th value go to the lowest column; sorted best first."""
-    n_rows, n_cols = s.shape
-    if k >= n_cols:
+    if k >= s.shape[1]:
         vals, idx = torch.sort(s, dim=1, descending=True, stable=True)
         return vals, idx
-    kth = torch.topk(s, k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
-    above = s > kth
-    tied = s == kth
-    room = k - above.sum(dim=1, keepdim=True)
-    take = above | (tied & (torch.cumsum(tied, dim=1) <= room))
-    idx = torch.nonzero(take)[:, 1].reshape(n_rows, k)  # ascending column per row
-    vals = torch.gather(s, 1, idx)
+    # top k + 1: rows whose k-th and (k+1)-th values differ have an unambiguous top-k set
+    vals1, idx1 = torch.topk(s, k + 1, dim=1)
+    vals, idx = vals1[:, :k].contiguous(), idx1[:, :k].contiguous()
+    boundary = torch.nonzero(vals1[:, k - 1] == vals1[:, k]).view(-1)
+    if boundary.numel():
+        sub = s[boundary]
+        kth = vals[boundary, k - 1 : k]
+        above = sub > kth
+        tied = sub == kth
+        room = k - above.sum(dim=1, keepdim=True)
+        take = above | (tied & (torch.cumsum(tied, dim=1) <= room))
+        cols = torch.nonzero(take)[:, 1].reshape(-1, k)
+        idx[boundary] = cols
+        vals[boundary] = torch.gather(sub, 1, cols)
+    # order: score descending, ties by lower column
+    by_col = torch.sort(idx, dim=1).indices
+    idx, vals = torch.gather(idx, 1, by_col), torch.gather(vals, 1, by_col)
     order = torch.sort(vals, dim=1, descending=True, stable=True).indices
     return torch.gather(vals, 1, order), torch.gather(idx, 1, order)
 

@@ -28,6 +28,7 @@ from compatkit.index.store import (
     _require_version,
     _version_map,
     log_changes,
+    unknown_message,
 )
 from compatkit.index.vectors import as_vectors, from_blob, to_blob
 from compatkit.index.versions import Relation, VersionInfo, can_search
@@ -277,7 +278,9 @@ class Collection:
             return AddResult(0, 0)
         for _ in range(_ADD_RETRIES):
             state = self._write_state()
-            prepared = [self._prepare(it, state) for it in items]
+            with self.store.read() as con:
+                versions = _version_map(con)
+            prepared = [self._prepare(it, state, versions) for it in items]
             self._embed_missing(items, prepared, state)
             with self.store.write() as con:
                 if self._write_state(con) != state:
@@ -343,9 +346,8 @@ class Collection:
                 targets["previous"] = state.job_old  # kept for a rollback
         return targets
 
-    def _prepare(self, it: ItemInput, state: _WriteState) -> _Prepared:
-        with self.store.read() as con:
-            versions = _version_map(con)
+    def _prepare(self, it: ItemInput, state: _WriteState,
+                 versions: dict[str, VersionInfo]) -> _Prepared:
         meta = json.dumps(dict(it.metadata), sort_keys=True)
         side: dict[str, np.ndarray] = {}
         for sv, vec in (it.side or {}).items():
@@ -369,13 +371,14 @@ class Collection:
         with self.store.read() as con:
             versions, relations = _version_map(con), _relations(con)
         targets = self._slot_targets(state)
+        embeddable = {t: self.store.has_embedder(t) for t in targets.values()}
         wanted: dict[str, list[int]] = {}  # version (or "side:" + version) -> rows to embed
         for row, p in enumerate(prepared):
             given = p.vectors.pop("given", None)
             for slot, target in targets.items():
                 if given is not None and given[0] == target:
                     p.vectors[slot] = given
-                elif p.item.source is not None and self.store.has_embedder(target):
+                elif p.item.source is not None and embeddable[target]:
                     wanted.setdefault(target, []).append(row)
                     p.vectors[slot] = (target, _EMBED, _EMPTY)
                 elif given is not None and self._transformable(state, given[0], target,
@@ -476,7 +479,7 @@ def _active_job(con: sqlite3.Connection, name: str) -> tuple | None:
 
 def _known(versions: dict[str, VersionInfo], name: str) -> VersionInfo:
     if name not in versions:
-        raise UnknownNameError(f"unknown version {name!r}")
+        raise UnknownNameError(unknown_message("version", name, sorted(versions)))
     return versions[name]
 
 

@@ -127,19 +127,23 @@ def run_system_demo(
 
     started = time.perf_counter()
     worker = threading.Thread(target=backfill, name="demo-backfill", daemon=True)
+    points: list[DemoPoint] = []
+
+    def measure() -> None:
+        fraction = job_status(store, status.job).fraction
+        acc, answered = _client_round(coll, q_new, new_v, q_labels)
+        point = DemoPoint(fraction, acc, answered, time.perf_counter() - started)
+        points.append(point)
+        logger.info("backfilled %5.1f%%  top-1 accuracy %.4f", 100 * fraction, acc)
+        if on_point is not None:
+            on_point(point)
+
+    measure()  # the new model serves at once, before any item is backfilled
     worker.start()
-    points = []
     try:
-        finished = False
-        while not finished:
-            finished = not worker.is_alive()  # one more round after the backfill ends
-            fraction = job_status(store, status.job).fraction
-            acc, answered = _client_round(coll, q_new, new_v, q_labels)
-            point = DemoPoint(fraction, acc, answered, time.perf_counter() - started)
-            points.append(point)
-            logger.info("backfilled %5.1f%%  top-1 accuracy %.4f", 100 * fraction, acc)
-            if on_point is not None:
-                on_point(point)
+        while worker.is_alive():
+            measure()
+        measure()  # after the last batch
     finally:
         stop.set()
         worker.join()

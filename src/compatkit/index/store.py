@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sqlite3
 import threading
 import time
@@ -462,8 +463,10 @@ class IndexStore:
             for sv in side_versions:
                 if _require_version(con, sv).kind != "side_info":
                     raise ValueError(f"side version {sv!r} is not a side_info version")
-            con.execute("INSERT INTO collections VALUES (?, ?, ?, 0, ?)",
-                        (name, version, json.dumps(options._asdict()), time.time()))
+            # a random first epoch: caches of a dropped namesake never match it
+            epoch = secrets.randbits(62)
+            con.execute("INSERT INTO collections VALUES (?, ?, ?, ?, ?)",
+                        (name, version, json.dumps(options._asdict()), epoch, time.time()))
             con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                         (f"side_versions:{name}", json.dumps(list(side_versions))))
         return Collection(self, name)
@@ -552,7 +555,7 @@ def _require_version(con: sqlite3.Connection, name: str) -> VersionInfo:
     info = _version_row(con, name)
     if info is None:
         names = [r[0] for r in con.execute("SELECT name FROM versions ORDER BY name")]
-        raise UnknownNameError(_unknown("version", name, names))
+        raise UnknownNameError(unknown_message("version", name, names))
     return info
 
 
@@ -585,11 +588,12 @@ def _require_collection(con: sqlite3.Connection, name: str) -> tuple[str, Backen
                       (name,)).fetchone()
     if row is None:
         names = [r[0] for r in con.execute("SELECT name FROM collections ORDER BY name")]
-        raise UnknownNameError(_unknown("collection", name, names))
+        raise UnknownNameError(unknown_message("collection", name, names))
     return row[0], BackendOptions(**json.loads(row[1])), int(row[2])
 
 
-def _unknown(kind: str, name: str, names: Sequence[str]) -> str:
+def unknown_message(kind: str, name: str, names: Sequence[str]) -> str:
+    """``unknown <kind> '<name>'`` plus the closest known names, if any."""
     import difflib
 
     close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
@@ -608,6 +612,12 @@ def log_changes(con: sqlite3.Connection, collection: str, keys: Iterable[int]) -
         frontier = last - KEEP_CHANGES
         con.execute("DELETE FROM changes WHERE seq <= ?", (frontier,))
         con.execute("INSERT OR REPLACE INTO meta VALUES ('pruned_seq', ?)", (str(frontier),))
+
+
+def last_change(con: sqlite3.Connection, collection: str) -> int:
+    """The sequence number of the collection's latest logged change (0 if none)."""
+    row = con.execute("SELECT max(seq) FROM changes WHERE collection=?", (collection,)).fetchone()
+    return int(row[0] or 0)
 
 
 def bump_epoch(con: sqlite3.Connection, collection: str) -> None:

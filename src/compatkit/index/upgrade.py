@@ -39,6 +39,7 @@ from compatkit.index.store import (
     _require_version,
     _version_map,
     bump_epoch,
+    last_change,
     log_changes,
 )
 from compatkit.index.vectors import as_vectors, stack_blobs, to_blob
@@ -57,6 +58,7 @@ ANALYSIS_ONLY_ORDERINGS: tuple[str, ...] = ("oracle",)
 MAX_BATCH_SIZE = 100_000
 DEFAULT_LEASE_S = 300.0
 _RATE_WINDOW = 20
+_START_RETRIES = 5
 
 
 @dataclass(frozen=True)
@@ -222,26 +224,41 @@ def start_upgrade(
                "given_order": list(given_order) if given_order is not None else None}
     job = _Job(0, collection, old, new_version, strategy, ordering, options, "running",
                phases, 0, False, 0.0, 0.0, None)
-    order, skipped = _plan_order(store, job, 0)
-    now = time.time()
-    with store.write() as con:
-        _refuse_if_active(con, collection)
-        if _require_collection(con, collection)[0] != old:
-            raise StateConflictError(f"collection {collection!r} changed version meanwhile")
-        cur = con.execute(
-            "INSERT INTO jobs (collection, old_version, new_version, strategy, ordering, "
-            "options, state, phases, phase_index, phase_ready, created, updated) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'running', ?, 0, 0, ?, ?)",
-            (collection, old, new_version, strategy, ordering, json.dumps(options),
-             json.dumps([p.__dict__ for p in phases]), now, now))
-        job_id = int(cur.lastrowid)
-        if phases[0].placement == "live":
-            con.execute("UPDATE collections SET serving_version=? WHERE name=?",
-                        (new_version, collection))
-        _insert_phase(con, _load_job(con, job_id), 0, order, skipped)
+    for _ in range(_START_RETRIES):
+        with store.read() as con:
+            seen = last_change(con, collection)
+        order, skipped = _plan_order(store, job, 0)
+        with store.write() as con:
+            if last_change(con, collection) == seen:  # no item changed since the plan
+                job_id = _create_job(con, job, order, skipped)
+                break
+    else:
+        raise StateConflictError(f"collection {collection!r} kept changing while the upgrade "
+                                 "was planned; retry")
     logger.info("upgrade job %d of %r started: %s -> %s, %s, %d items in phase 0", job_id,
                 collection, old, new_version, strategy, len(order))
     return job_status(store, job_id)
+
+
+def _create_job(con: sqlite3.Connection, job: _Job, order: list[int], skipped: int) -> int:
+    """Insert a planned job with its first phase's order; serve vB now if the phase is live."""
+    collection, old, new_version = job.collection, job.old, job.new
+    _refuse_if_active(con, collection)
+    if _require_collection(con, collection)[0] != old:
+        raise StateConflictError(f"collection {collection!r} changed version meanwhile")
+    now = time.time()
+    cur = con.execute(
+        "INSERT INTO jobs (collection, old_version, new_version, strategy, ordering, "
+        "options, state, phases, phase_index, phase_ready, created, updated) "
+        "VALUES (?, ?, ?, ?, ?, ?, 'running', ?, 0, 0, ?, ?)",
+        (collection, old, new_version, job.strategy, job.ordering, json.dumps(job.options),
+         json.dumps([p.__dict__ for p in job.phases]), now, now))
+    job_id = int(cur.lastrowid)
+    if job.phases[0].placement == "live":
+        con.execute("UPDATE collections SET serving_version=? WHERE name=?",
+                    (new_version, collection))
+    _insert_phase(con, _load_job(con, job_id), 0, order, skipped)
+    return job_id
 
 
 def claim_batch(

@@ -4,11 +4,15 @@
 from compatkit.methods import (  # noqa: F401
     bct,
     bct_ract,
+    bict,
     contrastive,
+    fastfill,
+    fct,
     independent,
     l2,
     lwf,
     pct,
+    simclr,
     triplet,
     unibct,
 )

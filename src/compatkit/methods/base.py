@@ -107,7 +107,8 @@ class Method(nn.Module):
 
     @classmethod
     def build_trained_module(
-        cls, model_cfg: Any, *, num_classes: int, in_chans: int, frozen: dict[str, nn.Module]
+        cls, model_cfg: Any, method_cfg: MethodConfig, *, num_classes: int, in_chans: int,
+        frozen: dict[str, nn.Module],
     ) -> nn.Module:
         """The module this method trains, built before the method (the loop moves and wraps it).
 

@@ -65,14 +65,14 @@ class TransformationMethod(Method):
 
     @classmethod
     def build_trained_module(
-        cls, model_cfg: Any, *, num_classes: int, in_chans: int, frozen: dict[str, nn.Module],
-        method_cfg: MethodConfig | None = None,
+        cls, model_cfg: Any, method_cfg: MethodConfig, *, num_classes: int, in_chans: int,
+        frozen: dict[str, nn.Module],
     ) -> nn.Module:
         """A ``Transformation(d_old, d_new, d_side)`` sized from the frozen models.
 
         ``frozen`` must hold ``"old"`` and ``"new"`` (and ``"side"`` for side-information).
-        The output is L2-normalised at use (``normalize`` attribute, recorded in the manifest)
-        when the new model's embeddings are.
+        Its ``normalize`` attribute copies the new model's, so the artifact manifest records
+        ``normalized`` and upgraded vectors are L2-normalised like the new model's embeddings.
         """
         from compatkit.models import Transformation
 
@@ -129,9 +129,7 @@ class TransformationMethod(Method):
         """Eval mode from ``freeze_bn_epoch`` on. Also called by every step, because the loop
         switches the module back to train mode after ``on_epoch_start``."""
         if epoch >= self.freeze_bn_epoch:
-            self.ctx.model.train(False)
-            if isinstance(self.ctx.forward, nn.Module):
-                self.ctx.forward.train(False)
+            self.ctx.model.train(False)  # the bare module: a DDP wrapper forwards to it
 
     def inputs(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """Frozen old embeddings and side-information of an image batch (no gradient)."""

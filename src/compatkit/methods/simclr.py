@@ -110,8 +110,8 @@ class SimCLR(Method):
 
     @classmethod
     def build_trained_module(
-        cls, model_cfg: Any, *, num_classes: int, in_chans: int, frozen: dict[str, nn.Module],
-        method_cfg: MethodConfig | None = None,
+        cls, model_cfg: Any, method_cfg: MethodConfig, *, num_classes: int, in_chans: int,
+        frozen: dict[str, nn.Module],
     ) -> nn.Module:
         """A ``SideInfoModel`` on the configured backbone whose stored feature is embed_dim wide."""
         from compatkit.models import SideInfoModel

@@ -16,6 +16,7 @@ from compatkit.config_base import StrictModel
 from compatkit.errors import CompatkitError
 from compatkit.methods import MethodConfig, method_config_from_dict
 
+
 class DataConfig(StrictModel):
     """Which images a run trains on: dataset, evaluation hold-out and the old/new split side."""
 

@@ -8,7 +8,6 @@ Device, AMP and DDP are values of the run context, not separate code paths. A ru
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import time
@@ -73,14 +72,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> RunRe
     spec = _input_spec(data, old_manifest)
 
     method_cls = METHODS.get(cfg.method.name)
-    # The old model joins the frozen roles (a transformation sizes itself from it), and builders
-    # that accept it get the method config (e.g. FCT's MLP width).
+    # The old model joins the frozen roles: a transformation sizes itself from it.
     build_frozen = frozen if old_model is None else {**frozen, "old": old_model}
-    build_extra = ({"method_cfg": cfg.method} if "method_cfg" in
-                   inspect.signature(method_cls.build_trained_module).parameters else {})
     module = method_cls.build_trained_module(
-        cfg.model, num_classes=len(data.class_ids), in_chans=spec.in_chans, frozen=build_frozen,
-        **build_extra,
+        cfg.model, cfg.method, num_classes=len(data.class_ids), in_chans=spec.in_chans,
+        frozen=build_frozen,
     ).to(rt.device)
     wrapped: nn.Module = (
         DistributedDataParallel(module, device_ids=[rt.device.index] if rt.device.type == "cuda"

@@ -1,0 +1,102 @@
+"""Cost of a backfilling curve against one full evaluation.
+
+Clustered random data with an old and a new model of the same items (the new one less noisy),
+random backfill order. In one process and with the same thread count: one full evaluation
+(``retrieval_metrics`` of new queries against the new gallery) and a 21-point curve
+(``backfill_curve``, old/old flips included). Goal: curve <= 3x one evaluation.
+
+    PYTHONPATH=src python benchmarks/backfill_curve.py              # 10k x 100k, d=128
+    PYTHONPATH=src python benchmarks/backfill_curve.py --nq 1000    # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import numpy as np
+import torch
+
+from compatkit.eval.backfill import backfill_curve
+from compatkit.eval.metrics import retrieval_metrics
+from compatkit.eval.ordering import backfill_order
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nq", type=int, default=10_000)
+    p.add_argument("--ng", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=21)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--chunk-size", type=int, default=4096)
+    p.add_argument("--query-block", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    rng = np.random.default_rng(args.seed)
+    centres = rng.standard_normal((args.classes, args.dim), dtype=np.float32)
+    gl = rng.integers(0, args.classes, args.ng)
+    ql = rng.integers(0, args.classes, args.nq)
+
+    def embed(labels: np.ndarray, noise: float) -> np.ndarray:
+        n = labels.shape[0]
+        return centres[labels] + noise * rng.standard_normal((n, args.dim), dtype=np.float32)
+
+    old_g, new_g = embed(gl, 2.0), embed(gl, 1.6)
+    old_q, new_q = embed(ql, 2.0), embed(ql, 1.6)
+    order = backfill_order("random", args.ng, seed=args.seed)
+    metrics = ("map", "cmc@1", "cmc@5")
+    common = {"chunk_size": args.chunk_size, "query_block": args.query_block}
+
+    t0 = time.perf_counter()
+    full = retrieval_metrics(new_q, ql, new_g, gl, metrics=metrics, **common)
+    t_eval = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    curve = backfill_curve(
+        new_q,
+        ql,
+        old_g,
+        new_g,
+        gl,
+        order,
+        steps=args.steps,
+        metrics=metrics,
+        old_query=old_q,
+        ordering="random",
+        **common,
+    )
+    t_curve = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rows = [
+        ("queries x gallery, d", f"{args.nq} x {args.ng}, {args.dim}"),
+        (
+            "threads / chunk / query block",
+            f"{args.threads} / {args.chunk_size} / {args.query_block}",
+        ),
+        ("one full evaluation (s)", f"{t_eval:.2f}"),
+        (f"{args.steps}-point curve incl. old/old flips (s)", f"{t_curve:.2f}"),
+        ("ratio (goal <= 3x)", f"{t_curve / t_eval:.2f}x"),
+        ("peak RSS (GiB)", f"{rss:.2f}"),
+        (
+            "mAP old/new -> new/new",
+            f"{curve.metrics['map'][0]:.4f} -> {curve.metrics['map'][-1]:.4f}",
+        ),
+        ("curve end == full evaluation", str(curve.metrics["map"][-1] == full["map"])),
+        (
+            "AUC mAP trapezoid / mean",
+            f"{curve.auc['map']['trapezoid']:.4f} / {curve.auc['map']['mean']:.4f}",
+        ),
+        ("max NFR", f"{curve.regression['max_nfr']:.4f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'quantity':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
+    for name, value in rows:
+        print(f"| {name:<{width}} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
