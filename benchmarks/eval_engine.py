@@ -28,15 +28,17 @@ def clustered(n: int, centres: np.ndarray, noise: float, rng: np.random.Generato
     return x.astype(np.float32), labels.astype(np.int64)
 
 
-def bare_matmul_seconds(q: torch.Tensor, g: torch.Tensor, chunk: int) -> float:
-    """Time of the (nq, ng) similarity matmul, gallery chunk by chunk into one buffer."""
+def bare_matmul_seconds(q: torch.Tensor, g: torch.Tensor, chunk: int, query_block: int) -> float:
+    """Time of the (nq, ng) similarity matmul in the engine's blocks, into one buffer."""
     q = torch.nn.functional.normalize(q, dim=1)
     g = torch.nn.functional.normalize(g, dim=1)
-    buf = torch.empty(q.shape[0], chunk)
+    buf = torch.empty(min(query_block, q.shape[0]), chunk)
     t0 = time.perf_counter()
-    for start in range(0, g.shape[0], chunk):
-        part = g[start : start + chunk]
-        torch.matmul(q, part.T, out=buf[:, : part.shape[0]])
+    for qs in range(0, q.shape[0], query_block):
+        qb = q[qs : qs + query_block]
+        for start in range(0, g.shape[0], chunk):
+            part = g[start : start + chunk]
+            torch.matmul(qb, part.T, out=buf[: qb.shape[0], : part.shape[0]])
     return time.perf_counter() - t0
 
 
@@ -68,7 +70,9 @@ def main() -> None:
         q, ql = clustered(args.nq, centres, args.noise, rng)
     rss_data = peak_rss_gib()
 
-    t_mm = bare_matmul_seconds(torch.from_numpy(q), torch.from_numpy(g), args.chunk_size)
+    t_mm = bare_matmul_seconds(
+        torch.from_numpy(q), torch.from_numpy(g), args.chunk_size, args.query_block
+    )
     t0 = time.perf_counter()
     result = retrieval_metrics(
         q,

@@ -18,9 +18,13 @@ import numpy as np
 import typer
 
 from compatkit.errors import CompatkitError
+from compatkit.index.cli import index_app
+from compatkit.index.cli import serve as index_serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Upgrade the embedding model behind a retrieval system.")
+app.add_typer(index_app, name="index")
+app.command("serve")(index_serve)
 
 SetOpt = Annotated[list[str], typer.Option("--set", help="config override key.path=value",
                                            rich_help_panel="Config")]
@@ -40,10 +44,16 @@ def train(
                                                    rich_help_panel="Config")] = None,
     set_: SetOpt = [],  # noqa: B006 - typer needs a literal default
     resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
+    nproc: Annotated[int, typer.Option(
+        help="processes (DistributedDataParallel via torchrun; gloo on CPU, NCCL on CUDA); "
+             "train.batch_size is per process")] = 1,
 ) -> None:
     """Train one model (old, independent or compatible) from a recipe and overrides."""
     from compatkit.train.config import load_config
     from compatkit.train.loop import train as run_training
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(_relaunch_with_torchrun(nproc))
 
     overrides = list(set_)
     if method:
@@ -274,6 +284,23 @@ def datasets() -> None:
 
     for name, summary in list_datasets():
         typer.echo(f"{name}\t{summary}")
+
+
+def _relaunch_with_torchrun(nproc: int) -> int:
+    """Run this same ``compatkit train`` command in ``nproc`` processes under torchrun."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[2:]:  # drop the program name, the verb and --nproc
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "compatkit", "train", *args]
+    return subprocess.run(cmd, check=False).returncode
 
 
 def _required(value: Path | None, flag: str) -> Path:

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from compatkit.artifacts import read_manifest
 from compatkit.eval import (
     BackfillCurve,
     EmbeddingSet,
@@ -27,7 +26,7 @@ from compatkit.eval import (
 )
 from compatkit.inference import embed_images
 from compatkit.train.config import RunConfig, load_config, merge_trees
-from compatkit.train.loop import load_frozen, train
+from compatkit.train.loop import load_frozen, train_or_reuse
 from compatkit.train.prepare import evaluation_images
 
 log = logging.getLogger(__name__)
@@ -162,16 +161,10 @@ def backfill_curves(
 
 
 def _run_stage(cfg: RunConfig, run_dir: Path, timings: dict[str, float]) -> Path:
-    artifact = run_dir / "model"
-    done = (artifact / "manifest.json").is_file()
-    if done and read_manifest(artifact).config == cfg.model_dump(mode="json"):
-        log.info("reusing %s (same config)", artifact)
-        timings[cfg.name] = 0.0
-        return artifact
     t0 = time.perf_counter()
-    log.info("training stage %s → %s", cfg.name, run_dir)
-    result = train(cfg, run_dir)
-    timings[cfg.name] = round(time.perf_counter() - t0, 1)
+    result = train_or_reuse(cfg, run_dir)
+    reused = (run_dir / "model" / "manifest.json").stat().st_mtime < t0
+    timings[cfg.name] = 0.0 if reused else round(time.perf_counter() - t0, 1)
     return result.artifact_dir
 
 

@@ -65,7 +65,7 @@ def bict_sweep(
         ValueError: no λ_b, or a negative one.
     """
     from compatkit.train.config import load_config
-    from compatkit.train.loop import train
+    from compatkit.train.loop import train_or_reuse
 
     if not lambdas:
         raise ValueError("bict_sweep needs at least one lambda_b")
@@ -80,11 +80,11 @@ def bict_sweep(
         common = [*base_overrides, f"old_model={old_model}"]
         stage_one = load_config(bct_config, [*common, f"name=bct-l{tag}", "method.name=bct",
                                              f"method.weight={float(lam)!r}", *bct_overrides])
-        new = train(stage_one, run_dir / "bct")
+        new = train_or_reuse(stage_one, run_dir / "bct")
         stage_two = load_config(bict_config, [*common, f"name=bict-l{tag}", "method.name=bict",
                                               f"frozen_models.new={new.artifact_dir}",
                                               *bict_overrides])
-        psi = train(stage_two, run_dir / "bict")
+        psi = train_or_reuse(stage_two, run_dir / "bict")
         m = psi.metrics
         rows.append(BiCTSweepRow(
             lambda_b=float(lam), self_test=m.get("self", {}), backward=m.get("cross", {}),

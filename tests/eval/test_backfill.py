@@ -173,6 +173,8 @@ def test_errors():
         backfill_curve(Q, QL, OLD, NEW, GL, [0, 1])
     with pytest.raises(ValueError, match="non-decreasing"):
         backfill_curve(Q, QL, OLD, NEW, GL, [0, 1], fractions=[0, 1, 0.5], old_query=Q)
+    with pytest.raises(ValueError, match="at least 2"):
+        backfill_curve(Q, QL, OLD, NEW, GL, [0, 1], fractions=[0.5], old_query=Q)
     with pytest.raises(ValueError, match="lie in"):
         backfill_curve(Q, QL, OLD, NEW, GL, [0, 1], fractions=[0, 2], old_query=Q)
     with pytest.raises(ValueError, match="one shape"):

@@ -155,8 +155,8 @@ def _check_fractions(fractions: Sequence[float] | None, steps: int) -> list[floa
             raise ValueError(f"steps must be at least 2 (both end points), got {steps}")
         return [i / (steps - 1) for i in range(steps)]
     f = [float(x) for x in fractions]
-    if not f:
-        raise ValueError("fractions must list at least one backfill fraction, got none")
+    if len(f) < 2:
+        raise ValueError(f"fractions must list at least 2 backfill fractions, got {f}")
     if any(not 0.0 <= x <= 1.0 for x in f):
         raise ValueError(f"fractions must lie in [0, 1], got {f}")
     if any(b < a for a, b in itertools.pairwise(f)):
@@ -185,12 +185,15 @@ class _StepHistograms:
     ) -> None:
         """+1 at (base, 0), −1 at (bin_from, at), +1 at (bin_to, at), in one scatter."""
         w = self.width
-        parts = [bin_to * w + at, bin_from * w + at]
-        weights = [torch.ones_like(bin_to), -torch.ones_like(bin_from)]
+        parts = [bin_to.long() * w + at, bin_from.long() * w + at]
+        signs = [1, -1]
         if base is not None:
-            parts.append(base * w)
-            weights.append(torch.ones_like(base))
-        target.index_add_(0, torch.cat(parts), torch.cat(weights))
+            parts.append(base.long() * w)
+            signs.append(1)
+        weights = torch.cat(
+            [torch.full_like(p, sign) for p, sign in zip(parts, signs, strict=True)]
+        )
+        target.index_add_(0, torch.cat(parts), weights)
 
     def add(self, old: Positions, new: Positions, switch: torch.Tensor) -> None:
         """``switch``: (n,) step at which each item turns new (``steps`` = never)."""
@@ -199,7 +202,7 @@ class _StepHistograms:
         if old.tie_idx.numel():
             i = old.tie_idx
             self._moves(self.rank_delta, switch[i], old.tie_bin, old.bin[i], old.tie_bin)
-            self.rank_delta.index_add_(0, old.bin[i] * self.width, -torch.ones_like(i))
+            self.rank_delta.index_add_(0, old.bin[i].long() * self.width, -torch.ones_like(i))
         if new.tie_idx.numel():
             i = new.tie_idx
             self._moves(self.rank_delta, switch[i], new.bin[i], new.tie_bin, None)
@@ -212,7 +215,7 @@ class _StepHistograms:
 
 
 def _step_ranks(
-    sp: SortedPositives,
+    sorted_pos: torch.Tensor,
     n_pos: int,
     offsets: torch.Tensor,
     pos_row: torch.Tensor,
@@ -221,9 +224,8 @@ def _step_ranks(
     n_ge_all: torch.Tensor,
     rank_all: torch.Tensor,
 ) -> PositiveRanks:
-    """PositiveRanks of one step, where positive i sits at its old or new target."""
-    sorted_pos = torch.empty_like(sp.source)
-    sorted_pos[sp.source] = torch.arange(sp.source.numel(), device=sp.source.device)
+    """PositiveRanks of one step, where positive i sits at its old or new target
+    (``sorted_pos[e]``: sorted position of target entry e = 2i + state)."""
     entry = 2 * torch.arange(n_pos, device=pos_row.device) + new_now.to(torch.int64)
     where = sorted_pos[entry]
     n_ge, rank = n_ge_all[where], rank_all[where]
@@ -429,19 +431,19 @@ def _walk_block_curve(
     ge, rank = hist.per_step()
     n_ge_all = reverse_segment_counts(sp, ge)
     rank_all = reverse_segment_counts(sp, rank)
-    out = []
+    sorted_pos = torch.empty_like(sp.source)
+    sorted_pos[sp.source] = torch.arange(sp.source.numel(), device=sp.source.device)
     pos_switch = switch[block.pos_col]
-    for s in range(n_steps):
-        out.append(
-            _step_ranks(
-                sp,
-                n_pos,
-                block.offsets,
-                block.pos_row,
-                t_score,
-                pos_switch <= s,
-                n_ge_all[s],
-                rank_all[s],
-            )
+    return [
+        _step_ranks(
+            sorted_pos,
+            n_pos,
+            block.offsets,
+            block.pos_row,
+            t_score,
+            pos_switch <= s,
+            n_ge_all[s],
+            rank_all[s],
         )
-    return out
+        for s in range(n_steps)
+    ]

@@ -51,7 +51,8 @@ def _echo(obj: dict[str, Any], as_json: bool) -> None:
 
 @index_app.command("register")
 def register(
-    artifact: Annotated[Path, typer.Argument(help="model, side-info or transformation folder")],
+    artifact: Annotated[Path, typer.Argument(
+        help="model, side-info or transformation folder (or a run folder with model/)")],
     store: StoreOpt = DEFAULT_STORE,
     new: Annotated[str | None, typer.Option(help="transformation target version")] = None,
     side_version: Annotated[str | None, typer.Option(help="side-info version it needs")] = None,
@@ -59,7 +60,7 @@ def register(
 ) -> None:
     """Register an artifact: a model version (with its compatibility relations) or a
     transformation."""
-    out = _open(store, create=True).register_artifact(artifact, new=new,
+    out = _open(store, create=True).register_artifact(_artifact(artifact), new=new,
                                                       side_version=side_version)
     _echo(asdict(out), as_json)
 
@@ -117,7 +118,7 @@ def create(
     """Create an empty collection served by --version (or by the model --artifact)."""
     st = _open(store, create=True)
     if artifact is not None:
-        version = st.register_artifact(artifact).name
+        version = st.register_artifact(_artifact(artifact)).name
     if version is None:
         raise CompatkitError("give --version or --artifact")
     _echo(asdict(st.create_collection(name, version, index=index).stats()), as_json)
@@ -316,17 +317,23 @@ def demo(
     from compatkit.data import load_dataset
     from compatkit.index.demo import run_system_demo
 
+    old, new = _artifact(old), _artifact(new)
     spec = read_manifest(old).input
     splits = load_dataset(dataset, root, image_size=spec.image_size if spec else 32)
     ds = splits.test if splits.test is not None else splits.train
     idx = np.random.default_rng(seed).permutation(len(ds))[:limit]
     typer.echo("backfilled\ttop-1 accuracy\tanswered by")
+    shown: list[tuple[float, float]] = []
+
+    def show(p: Any) -> None:  # one line per new (fraction, accuracy)
+        if not shown or shown[-1] != (p.fraction, p.accuracy):
+            shown.append((p.fraction, p.accuracy))
+            typer.echo(f"{100 * p.fraction:5.1f}%\t{p.accuracy:.4f}\t{p.answered_by}")
+
     result = run_system_demo(
         old, new, ds.images[np.sort(idx)], ds.labels[np.sort(idx)], work_dir=out,
         n_queries=queries, ordering=order, batch_size=batch_size, seed=seed,
-        batch_pause_s=batch_pause,
-        on_point=lambda p: typer.echo(f"{100 * p.fraction:5.1f}%\t{p.accuracy:.4f}\t"
-                                      f"{p.answered_by}"))
+        batch_pause_s=batch_pause, on_point=show)
     typer.echo(f"old/old accuracy before the upgrade\t{result.old_accuracy:.4f}")
     typer.echo(f"compatkit.eval cmc@1 new/old (start)\t{result.reference_cross:.4f}")
     typer.echo(f"compatkit.eval cmc@1 new/new (end)\t{result.reference_self:.4f}")
@@ -356,6 +363,11 @@ def serve(
         raise CompatkitError(f"bad service settings: {err}") from None
     app = create_app(_open(store, create=True), settings)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def _artifact(path: Path) -> Path:
+    """An artifact folder, or a training run folder holding one in ``model/``."""
+    return path / "model" if (path / "model" / "manifest.json").is_file() else path
 
 
 def _run_worker(store: Any, job: int, worker: str) -> Any:

@@ -11,13 +11,15 @@ import json
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from compatkit.index.backends import BackendOptions, VectorGroup
-from compatkit.index.store import _relations, _require_collection, _version_map
+from compatkit.index.store import _relations, _require_collection, _version_map, last_change
 from compatkit.index.vectors import l2_normalize, stack_blobs
 from compatkit.index.versions import Relation, Route, VersionInfo, find_route
 
@@ -55,48 +57,97 @@ class SearchResult:
     hits: tuple[Hit, ...]
 
 
+class _ReadWriteLock:
+    """Many readers or one writer; a waiting writer holds back new readers."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class _DbState:
+    """What one search needs to know about the database, read in one snapshot."""
+
+    serving: str
+    options: BackendOptions
+    epoch: int
+    last_seq: int
+    pruned_seq: int
+    versions: dict[str, VersionInfo]
+    relations: list[Relation]
+
+
 class SearchCache:
-    """Per-process search structures of one collection, kept in step with the database."""
+    """Per-process search structures of one collection, kept in step with the database.
+
+    Searches run concurrently (FAISS releases the GIL); bringing the structures up to date
+    takes them exclusively, and only when the database changed.
+    """
 
     def __init__(self, store: IndexStore, name: str) -> None:
         self.store, self.name = store, name
-        self._lock = threading.Lock()
+        self._lock = _ReadWriteLock()
         self._groups: dict[GroupKey, VectorGroup] = {}
         self._where: dict[int, GroupKey] = {}
         self._epoch: int | None = None
         self._options: BackendOptions | None = None
         self._last_seq = 0
-        self._versions: dict[str, VersionInfo] = {}
-        self._relations: list[Relation] = []
-        self.serving_version = ""
-
-    def group_sizes(self) -> dict[GroupKey, int]:
-        """Live vectors per group after a refresh (for status and metrics)."""
-        with self._lock:
-            self._refresh()
-            return {key: len(g) for key, g in self._groups.items() if len(g)}
 
     def search(
         self, queries: np.ndarray, query_version: str, k: int,
     ) -> list[list[tuple[float, int, GroupKey]]]:
         """Top-k (score, item key, group) per query over every group, best first.
 
-        Shapes: queries (nq, d) float32, checked by the caller against ``query_version``.
+        Every write committed before the call is visible. Shapes: queries (nq, d) float32,
+        checked by the caller against ``query_version``.
 
         Raises:
             IncompatibleSpacesError: a non-empty group is in a space the query version cannot
                 reach through a declared relation (both versions named).
         """
-        with self._lock:
-            self._refresh()
-            per_query: list[list[tuple[float, int, GroupKey]]] = [[] for _ in range(len(queries))]
+        state = self._db_state()
+        self._catch_up(state)
+        per_query: list[list[tuple[float, int, GroupKey]]] = [[] for _ in range(len(queries))]
+        with self._lock.read():
             spaces: dict[str, np.ndarray] = {}
             for gkey, group in self._groups.items():
                 if len(group) == 0:
                     continue
                 version = gkey[0]
                 if version not in spaces:
-                    route = find_route(query_version, version, self._relations, self._versions)
+                    route = find_route(query_version, version, state.relations, state.versions)
                     spaces[version] = self._to_space(queries, route)
                 hits = group.search(spaces[version], min(k, len(group)))
                 for qi in range(len(queries)):
@@ -113,21 +164,36 @@ class SearchCache:
 
     # ------------------------------------------------------------- keeping in step
 
-    def _refresh(self) -> None:
+    def _db_state(self) -> _DbState:
         with self.store.read() as con:
             serving, options, epoch = _require_collection(con, self.name)
-            self.serving_version = serving
-            self._versions = _version_map(con)
-            self._relations = _relations(con)
             row = con.execute("SELECT value FROM meta WHERE key='pruned_seq'").fetchone()
-            pruned = int(row[0]) if row else 0
-            if epoch != self._epoch or options != self._options or self._last_seq < pruned:
-                self._rebuild(con, options)
-                self._epoch, self._options = epoch, options
-            else:
-                self._replay(con)
+            return _DbState(serving, options, epoch, last_change(con, self.name),
+                            int(row[0]) if row else 0, _version_map(con), _relations(con))
 
-    def _rebuild(self, con: Any, options: BackendOptions) -> None:
+    def _stale(self, state: _DbState) -> bool:
+        return (state.epoch != self._epoch or state.options != self._options
+                or self._last_seq < state.last_seq or self._last_seq < state.pruned_seq)
+
+    def _catch_up(self, state: _DbState) -> None:
+        """Bring the structures at least to ``state`` (no-op when they already are)."""
+        if not self._stale(state):
+            return
+        with self._lock.write():
+            if not self._stale(state):
+                return  # another thread caught up meanwhile
+            with self.store.read() as con:
+                _, options, epoch = _require_collection(con, self.name)
+                row = con.execute("SELECT value FROM meta WHERE key='pruned_seq'").fetchone()
+                pruned = int(row[0]) if row else 0
+                if epoch != self._epoch or options != self._options or self._last_seq < pruned:
+                    self._rebuild(con, options, _version_map(con))
+                    self._epoch, self._options = epoch, options
+                else:
+                    self._replay(con, _version_map(con))
+
+    def _rebuild(self, con: Any, options: BackendOptions,
+                 versions: dict[str, VersionInfo]) -> None:
         row = con.execute("SELECT seq FROM sqlite_sequence WHERE name='changes'").fetchone()
         self._last_seq = int(row[0]) if row else 0
         rows = con.execute(
@@ -136,11 +202,11 @@ class SearchCache:
             (self.name,)).fetchall()
         self._groups, self._where = {}, {}
         self._options = options
-        self._add_rows(rows)
+        self._add_rows(rows, versions)
         logger.info("search cache of %r rebuilt: %d vectors in %d groups", self.name,
                     len(rows), len(self._groups))
 
-    def _replay(self, con: Any) -> None:
+    def _replay(self, con: Any, versions: dict[str, VersionInfo]) -> None:
         changed = con.execute("SELECT seq, item FROM changes WHERE collection=? AND seq > ? "
                               "ORDER BY seq", (self.name, self._last_seq)).fetchall()
         if not changed:
@@ -161,16 +227,16 @@ class SearchCache:
             rows += con.execute(
                 f"SELECT item, version, transformed_from, data FROM vectors "
                 f"WHERE slot='current' AND item IN ({marks})", chunk).fetchall()
-        self._add_rows(rows)
+        self._add_rows(rows, versions)
 
-    def _add_rows(self, rows: list[Any]) -> None:
+    def _add_rows(self, rows: list[Any], versions: dict[str, VersionInfo]) -> None:
         grouped: dict[GroupKey, tuple[list[int], list[bytes]]] = defaultdict(lambda: ([], []))
         for key, version, tf, data in rows:
             keys, blobs = grouped[(version, tf)]
             keys.append(int(key))
             blobs.append(data)
         for gkey, (keys, blobs) in grouped.items():
-            dim = self._versions[gkey[0]].dim
+            dim = versions[gkey[0]].dim
             group = self._groups.get(gkey)
             if group is None:
                 group = self._groups[gkey] = VectorGroup(dim, self._options)

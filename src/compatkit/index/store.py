@@ -2,7 +2,7 @@
 
 Every vector is a float32 BLOB in the same row-set and the same transaction as its item, so a
 crash (``kill -9`` at any point) leaves either the whole write or none of it. An item has at
-most one vector per slot (primary key ``(item, slot)``):
+most one vector per slot (``UNIQUE (item, slot)``):
 
 - ``current``: the vector searches use;
 - ``previous``: the vector it had before an upgrade rewrote it, kept until the upgrade is
@@ -94,8 +94,8 @@ CREATE TABLE IF NOT EXISTS vectors (
     version TEXT NOT NULL,
     transformed_from TEXT,
     data BLOB NOT NULL,
-    PRIMARY KEY (item, slot)
-) WITHOUT ROWID;
+    UNIQUE (item, slot)
+);
 CREATE TABLE IF NOT EXISTS side_vectors (
     item INTEGER NOT NULL REFERENCES items(key) ON DELETE CASCADE,
     version TEXT NOT NULL,

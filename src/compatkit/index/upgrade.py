@@ -425,7 +425,10 @@ def run_backfill(
                 if status.state == "running" and _phase_pending(store, job_id):
                     continue  # the next phase starts on the next claim
                 break
-            time.sleep(poll_s)
+            if stop is not None:
+                stop.wait(poll_s)
+            else:
+                time.sleep(poll_s)
             continue
         computed = compute_batch(store, batch)
         commit_batch(store, job_id, batch.batch_id, computed.vectors, phase=batch.phase,
@@ -868,25 +871,31 @@ def _write_batch(con: sqlite3.Connection, job: _Job, pairs: np.ndarray, arr: np.
         if phase.kind == "transform" and slots.get(key, {}).get("current", ("",))[0] != job.old:
             continue  # its stored vector changed version since the claim
         todo.append((key, vec))
-    if todo:
-        checked = as_vectors(np.stack([v for _, v in todo]), arr.shape[1],
-                             what=f"committed {job.new!r} vectors")
-        rows = []
-        for (key, _), vec in zip(todo, checked, strict=True):
-            if target_slot == "current":
-                if "previous" in slots.get(key, {}):
-                    con.execute("DELETE FROM vectors WHERE item=? AND slot='current'", (key,))
-                else:
-                    con.execute("UPDATE vectors SET slot='previous' WHERE item=? AND "
-                                "slot='current'", (key,))
-                rows.append((key, "current", job.new, tf_new, to_blob(vec)))
-            else:
-                con.execute("DELETE FROM vectors WHERE item=? AND slot='next'", (key,))
-                rows.append((key, "next", job.new, tf_new, to_blob(vec)))
-        con.executemany("INSERT INTO vectors VALUES (?, ?, ?, ?, ?)", rows)
-        if target_slot == "current":
-            log_changes(con, job.collection, [k for k, _ in todo])
-    return len(todo)
+    if not todo:
+        return 0
+    checked = as_vectors(np.stack([v for _, v in todo]), arr.shape[1],
+                         what=f"committed {job.new!r} vectors")
+    written = [k for k, _ in todo]
+    if target_slot == "current":  # keep the first old vector of each item for a rollback
+        kept = [k for k in written if "previous" in slots.get(k, {})]
+        _for_keys(con, "DELETE FROM vectors WHERE slot='current' AND item IN ({})", kept)
+        _for_keys(con, "UPDATE vectors SET slot='previous' WHERE slot='current' AND item IN ({})",
+                  [k for k in written if "previous" not in slots.get(k, {})])
+    else:
+        _for_keys(con, "DELETE FROM vectors WHERE slot='next' AND item IN ({})", written)
+    con.executemany("INSERT INTO vectors VALUES (?, ?, ?, ?, ?)",
+                    [(k, target_slot, job.new, tf_new, to_blob(v))
+                     for k, v in zip(written, checked, strict=True)])
+    if target_slot == "current":
+        log_changes(con, job.collection, written)
+    return len(written)
+
+
+def _for_keys(con: sqlite3.Connection, sql: str, keys: list[int], chunk: int = 500) -> None:
+    """Run ``sql`` (with one ``IN ({})`` placeholder list) over ``keys`` in chunks."""
+    for start in range(0, len(keys), chunk):
+        part = keys[start:start + chunk]
+        con.execute(sql.format(",".join("?" * len(part))), part)
 
 
 def _finish_phase(con: sqlite3.Connection, job: _Job) -> None:

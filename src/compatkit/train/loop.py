@@ -21,7 +21,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from compatkit.artifacts import InputSpec, Manifest, load_module, save_module, weights_digest
+from compatkit.artifacts import (
+    InputSpec,
+    Manifest,
+    load_module,
+    read_manifest,
+    save_module,
+    weights_digest,
+)
 from compatkit.data import Augmenter, EpochSampler, normalize, sequential_batches
 from compatkit.errors import CompatkitError
 from compatkit.eval.metrics import retrieval_metrics
@@ -164,9 +171,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> RunRe
                 scaler.update()
                 step += 1
                 epoch_images += len(idx) * rt.world_size
-                for key, value in {"loss": out.total.item(), **out.parts}.items():
+                logged = _global_mean({"loss": out.total.item(), **out.parts}, rt)
+                for key, value in logged.items():
                     epoch_parts[key] = epoch_parts.get(key, 0.0) + value
-                reporter.update(epoch=epoch, loss=out.total.item(), parts=out.parts, lr=lr,
+                reporter.update(epoch=epoch, loss=logged["loss"], parts=logged, lr=lr,
                                 images=len(idx) * rt.world_size,
                                 seconds=time.perf_counter() - started)
             seconds = time.perf_counter() - epoch_started
@@ -194,6 +202,19 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> RunRe
         save_module(artifact_dir, method.trained_module(), manifest)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return RunResult(out_dir, artifact_dir, manifest, metrics, history)
+
+
+def train_or_reuse(cfg: RunConfig, out_dir: str | Path) -> RunResult:
+    """``train`` unless ``out_dir`` already holds a model trained with exactly this config."""
+    out_dir = Path(out_dir)
+    artifact = out_dir / "model"
+    if (artifact / "manifest.json").is_file():
+        manifest = read_manifest(artifact)
+        if manifest.config == cfg.model_dump(mode="json"):
+            log.info("reusing %s (trained with the same config)", artifact)
+            return RunResult(out_dir, artifact, manifest, manifest.metrics,
+                             _read_history(out_dir))
+    return train(cfg, out_dir)
 
 
 def evaluate_run(
@@ -246,6 +267,16 @@ def _optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimi
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                weight_decay=o.weight_decay)
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _global_mean(values: dict[str, float], rt: RunContext) -> dict[str, float]:
+    """Loss parts averaged over processes (the number one process would log for the global
+    batch); unchanged in one process."""
+    if not rt.distributed:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return dict(zip(values, (t / rt.world_size).tolist(), strict=True))
 
 
 def _read_history(out_dir: Path) -> list[dict[str, Any]]:
