@@ -177,7 +177,8 @@ def main() -> None:
         curve = backfill_curve(q, labels, gallery, q, labels,
                                backfill_order("random", len(q), seed=0), steps=11,
                                metrics=["map"], exclude_self=True, old_query=feats["old"],
-                               reference="old_old", ordering="random")
+                               reference_gallery=feats["old"], reference="old_old",
+                               ordering="random")
         row["backfill_auc_map"] = curve.auc["map"]["trapezoid"]
         row["backfill_mean_nfr"] = curve.regression["mean_nfr"]
         row["backfill_max_nfr"] = curve.regression["max_nfr"]

@@ -35,7 +35,7 @@ COMMON: dict[str, Any] = {
     "model": {"backbone": "resnet18_cifar", "width": 0.25, "embed_dim": 128,
               "classifier": "cosine"},
     "optim": {"name": "sgd", "lr": 0.1, "weight_decay": 5e-4, "warmup_epochs": 1},
-    "train": {"batch_size": 128, "seed": 0},
+    "train": {"batch_size": 64, "seed": 0},
     "eval": {"metrics": ["map", "cmc@1", "cmc@5", "map@r"]},
 }
 
@@ -46,13 +46,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         "data": {"scenario": "extended_class", "old_ratio": 0.3, "test_class_ratio": 0.3,
                  "crop_padding": 2, "flip": False},
         "model": {"backbone": "resnet10_cifar"},
-        "optim": {"lr": 0.2},
-        "train": {"epochs": 6},
+        "train": {"epochs": 10},
     },
     "omniglot": {
         "data": {"scenario": "extended_class", "old_ratio": 0.3, "test_class_ratio": 0.3,
                  "crop_padding": 2, "flip": False},
-        "train": {"epochs": 20, "batch_size": 64},
+        "train": {"epochs": 20},
     },
     "cifar10": {
         "data": {"scenario": "extended_class", "old_ratio": 0.5, "train_per_class": 1000},

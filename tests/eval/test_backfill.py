@@ -185,3 +185,22 @@ def test_errors():
         backfill_curve(Q, QL, OLD, NEW, GL, [0, 1], reference="old")
     with pytest.raises(ValueError, match="dimension mismatch"):
         backfill_curve(np.ones((1, 3), np.float32), QL, OLD, NEW, GL, [0, 1], old_query=Q)
+
+
+def test_reference_gallery_defines_the_old_old_system_for_transformed_starts():
+    """Flips are measured against old/old even when the curve starts from transformed-old."""
+    from compatkit.eval import backfill_curve, flip_rates
+    from compatkit.eval.flips import top_k_correct
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(10), 4)
+    old = rng.normal(size=(40, 6)).astype(np.float32)
+    transformed = rng.normal(size=(40, 6)).astype(np.float32)
+    new = rng.normal(size=(40, 6)).astype(np.float32)
+    order = np.arange(40)
+    curve = backfill_curve(new, labels, transformed, new, labels, order, steps=3,
+                           metrics=["cmc@1"], exclude_self=True, old_query=old,
+                           reference_gallery=old)
+    ref = top_k_correct(old, labels, old, labels, exclude_self=True)
+    start = top_k_correct(new, labels, transformed, labels, exclude_self=True)
+    assert curve.nfr[0] == pytest.approx(flip_rates(ref, start).nfr)

@@ -252,6 +252,7 @@ def backfill_curve(
     exclude_self: bool = False,
     reference: Reference = "old_old",
     old_query: Any = None,
+    reference_gallery: Any = None,
     top_k: int = 1,
     chunk_size: int = 4096,
     query_block: int = DEFAULT_QUERY_BLOCK,
@@ -269,6 +270,8 @@ def backfill_curve(
         reference: flips against the old/old system (needs ``old_query``) or against the
             previous step (step 0 against old/old when ``old_query`` is given, else itself).
         old_query: (nq, d_old) old-model query features, for the old/old reference.
+        reference_gallery: (ng, d_old) the old/old system's gallery when ``old_gallery`` is
+            not the raw old features (e.g. transformed-old with FCT/BiCT); default old_gallery.
         top_k: a query is correct when a positive is in its top k.
         ordering: a label stored in the result (e.g. ``"uncertainty"``).
 
@@ -316,7 +319,7 @@ def backfill_curve(
         ref_correct = top_k_correct(
             old_query,
             query_labels,
-            old_gallery,
+            old_gallery if reference_gallery is None else reference_gallery,
             gallery_labels,
             k=top_k,
             distance=distance,
