@@ -37,3 +37,11 @@ def test_register_refuses_duplicates_and_mismatched_names():
 
     with pytest.raises(ValueError, match="registers as 'different'"):
         register_method("different")(Other)
+
+
+def test_compatibility_declarations():
+    """Methods that train the new embedding towards the old one declare compatibility in the
+    artifact; the classification-level baselines (pct, lwf) and independent do not."""
+    declared = {name for name in METHODS.names() if METHODS.get(name).backward_compatible}
+    assert declared == {"l2", "bct", "bct_ract", "contra", "ract", "triplet", "triplet_ract",
+                        "unibct", "pct_oc"}

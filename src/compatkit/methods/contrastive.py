@@ -123,6 +123,7 @@ class PointToPointMethod(Method):
     """
 
     needs_old_model: ClassVar[bool] = True
+    backward_compatible: ClassVar[bool] = True
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)

@@ -223,6 +223,7 @@ class PCTOC(Method):
 
     config_cls = PCTOCConfig
     needs_old_model = True
+    backward_compatible = True  # L2 between new and old embeddings
 
     def on_train_start(self) -> None:
         require_same_embed_dim(self.ctx.model.embed_dim, self.ctx.old_model.embed_dim, "pct_oc")

@@ -183,6 +183,7 @@ class UniBCT(Method):
 
     config_cls = UniBCTConfig
     needs_old_model = True
+    backward_compatible = True
 
     def __init__(self, cfg: UniBCTConfig, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)
