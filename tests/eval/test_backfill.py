@@ -5,8 +5,10 @@ import json
 import numpy as np
 import pytest
 
+from compatkit.eval import backfill, metrics, retrieval
 from compatkit.eval.backfill import (
     BackfillCurve,
+    _walk_segments,
     auc_mean,
     auc_trapezoid,
     backfill_curve,
@@ -204,3 +206,48 @@ def test_reference_gallery_defines_the_old_old_system_for_transformed_starts():
     ref = top_k_correct(old, labels, old, labels, exclude_self=True)
     start = top_k_correct(new, labels, transformed, labels, exclude_self=True)
     assert curve.nfr[0] == pytest.approx(flip_rates(ref, start).nfr)
+
+
+def test_walk_segments_split_at_switch_steps_and_chunks():
+    # counts: positions < counts[s] are new at step s, so p switches at #{s: counts[s] <= p}
+    pieces = _walk_segments([0, 3, 3, 7], 10, 2)
+    assert pieces == [(0, 2, 1), (2, 3, 1), (3, 5, 3), (5, 7, 3), (7, 9, 4), (9, 10, 4)]
+    assert _walk_segments([0, 10], 10, 4) == [(0, 4, 1), (4, 8, 1), (8, 10, 1)]
+
+
+@pytest.mark.parametrize("numpy_on_cpu", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 5])
+def test_partial_fractions_tiny_tiles_equal_reranking(monkeypatch, numpy_on_cpu, seed):
+    """Fractions that start above 0 (items new at every step) and stop below 1 (items never
+    new), many tiles, few buckets (items tied with targets, several targets per bucket), both
+    compute paths: every point still equals re-ranking the mixed gallery from scratch."""
+    monkeypatch.setattr(retrieval, "NUMPY_ON_CPU", numpy_on_cpu)
+    monkeypatch.setattr(metrics, "TILE_ROWS", 2)
+    monkeypatch.setattr(metrics, "GEMM_ROWS", 5)
+    monkeypatch.setattr(backfill, "CURVE_BUCKETS_PER_ROW", 2)
+    exclude_self = seed == 5
+    q, ql, go, gn, gl, oq, order = random_problem(
+        seed + 40, exclude_self=exclude_self, ties=True, ints=True
+    )
+    fractions = [0.2, 0.35, 0.6, 0.9]
+    distance = "l2" if seed % 2 else "cosine"
+    try:
+        curve = backfill_curve(
+            q, ql, go, gn, gl, order, fractions=fractions, metrics=METRICS, distance=distance,
+            exclude_self=exclude_self, old_query=oq, chunk_size=4,
+        )
+    except ValueError as exc:
+        assert "no query has a positive" in str(exc)
+        return
+    ref = top_k_correct(oq, ql, go, gl, distance=distance, exclude_self=exclude_self)
+    for step, f in enumerate(fractions):
+        mixed = mixed_gallery(go, gn, order, f)
+        want = retrieval_metrics(
+            q, ql, mixed, gl, metrics=METRICS, distance=distance, exclude_self=exclude_self
+        )
+        for name in METRICS:
+            assert curve.metrics[name][step] == pytest.approx(want[name], abs=1e-12), (step, name)
+        now = top_k_correct(q, ql, mixed, gl, distance=distance, exclude_self=exclude_self)
+        assert (curve.nfr[step], curve.pfr[step], curve.nfi[step]) == pytest.approx(
+            flip_rates(ref, now)
+        )

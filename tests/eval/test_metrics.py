@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score
 
 from compatkit.errors import UnknownNameError
+from compatkit.eval import metrics, retrieval
 from compatkit.eval.metrics import METRICS, parse_metric, per_query_metrics, retrieval_metrics
 from compatkit.eval.retrieval import knn, pairwise_scores
 from compatkit.eval.testing import reference_metrics, sklearn_style_average_precision
@@ -271,3 +272,62 @@ def test_parse_metric():
         parse_metric("foo@3")
     with pytest.raises(ValueError, match="positive integer"):
         parse_metric("cmc@0")
+
+
+def _assert_per_query_equal(got, want):
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("numpy_on_cpu", [True, False])
+@pytest.mark.parametrize(("distance", "exclude_self"), [("cosine", False), ("l2", True)])
+def test_tiny_tiles_and_few_buckets_still_equal_dense(
+    monkeypatch, numpy_on_cpu, distance, exclude_self
+):
+    """Several GEMMs and tiles per chunk, and so few buckets that most items share a bucket
+    with one or several positives (compared or searched): the numpy path and the torch path
+    (other devices) both give the dense reference."""
+    monkeypatch.setattr(retrieval, "NUMPY_ON_CPU", numpy_on_cpu)
+    monkeypatch.setattr(metrics, "TILE_ROWS", 3)
+    monkeypatch.setattr(metrics, "GEMM_ROWS", 7)
+    monkeypatch.setattr(metrics, "DEFAULT_BUCKETS_PER_ROW", 2)
+    rng = np.random.default_rng(4)
+    g = rng.integers(-2, 3, (70, 4)).astype(np.float32)
+    g[np.abs(g).sum(1) == 0, 0] = 1
+    gl = rng.integers(0, 5, 70)
+    q, ql = (g, gl) if exclude_self else (g[:29] + rng.integers(-1, 2, (29, 4)), gl[:29])
+    q = np.asarray(q, dtype=np.float32)
+    q[np.abs(q).sum(1) == 0, 0] = 1
+    want = reference_metrics(
+        q, ql, g, gl, metrics=ALL, distance=distance, exclude_self=exclude_self, per_query=True
+    )
+    got = per_query_metrics(
+        q, ql, g, gl, metrics=ALL, distance=distance, exclude_self=exclude_self, chunk_size=16
+    )
+    _assert_per_query_equal(got, want)
+
+
+def test_every_score_tied_ranks_by_gallery_index():
+    """One-hot vectors: cosine scores are exactly 0 or 1, every positive ties with other
+    items, and the whole score span of a query may be zero."""
+    rng = np.random.default_rng(0)
+    g = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 40)]
+    q = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 12)]
+    gl, ql = rng.integers(0, 3, 40), rng.integers(0, 3, 12)
+    want = reference_metrics(q, ql, g, gl, metrics=ALL, per_query=True)
+    _assert_per_query_equal(per_query_metrics(q, ql, g, gl, metrics=ALL, chunk_size=9), want)
+    valid = ~np.isnan(want["map"])
+    assert ((want["map"][valid] > 0) & (want["map"][valid] < 1)).any()  # not a trivial case
+
+
+def test_large_exact_scores_with_wide_spans():
+    """Integer features x 1000 under l2: scores up to ~-1e7, exact in float32, spans so wide
+    that the exact scaling factor drops below 1."""
+    rng = np.random.default_rng(2)
+    g = (rng.integers(-3, 4, (60, 3)) * 1000).astype(np.float32)
+    q = (rng.integers(-3, 4, (20, 3)) * 1000).astype(np.float32)
+    gl, ql = rng.integers(0, 4, 60), rng.integers(0, 4, 20)
+    want = reference_metrics(q, ql, g, gl, metrics=ALL, distance="l2", per_query=True)
+    got = per_query_metrics(q, ql, g, gl, metrics=ALL, distance="l2", chunk_size=11)
+    _assert_per_query_equal(got, want)
+    assert float(np.abs(pairwise_scores(q, g, distance="l2")).max()) > 1e7

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from compatkit.eval import retrieval
 from compatkit.eval.retrieval import (
     check_features,
     check_labels,
@@ -125,3 +126,33 @@ def test_knn_errors():
         knn(q, q, 1, distance="manhattan")
     with pytest.raises(ValueError, match="exclude_self"):
         knn(q, q[:1], 1, exclude_self=True)
+
+
+@pytest.mark.parametrize("numpy_on_cpu", [True, False])
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_knn_top1_keeps_the_lowest_index_among_ties(
+    monkeypatch, numpy_on_cpu, chunk_size, exclude_self
+):
+    """k = 1 keeps a running best across chunks (numpy or torch argmax): a later chunk only
+    wins with a strictly higher score, so ties go to the lower gallery index."""
+    monkeypatch.setattr(retrieval, "NUMPY_ON_CPU", numpy_on_cpu)
+    rng = np.random.default_rng(1)
+    g = rng.integers(-1, 2, (50, 3)).astype(np.float32)
+    g[np.abs(g).sum(1) == 0, 0] = 1
+    q = g if exclude_self else rng.integers(-1, 2, (17, 3)).astype(np.float32)
+    q[np.abs(q).sum(1) == 0, 0] = 1
+    res = knn(q, g, 1, distance="l2", exclude_self=exclude_self, chunk_size=chunk_size)
+    ref_s, ref_i = brute_knn(q, g, 1, "l2", exclude_self=exclude_self)
+    np.testing.assert_array_equal(res.indices, ref_i)
+    np.testing.assert_array_equal(res.scores, ref_s.astype(np.float32))
+    # ties are frequent here, so the check is not vacuous
+    s = pairwise_scores(q, g, distance="l2")
+    assert (np.sum(s == s.max(axis=1, keepdims=True), axis=1) > 1).any()
+
+
+def test_knn_top1_fewer_items_than_k_sentinels():
+    g = np.array([[1.0, 0.0]], dtype=np.float32)
+    res = knn(g, g, 1, exclude_self=True)
+    np.testing.assert_array_equal(res.indices, [[-1]])
+    assert np.isneginf(res.scores[0, 0])

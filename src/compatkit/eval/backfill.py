@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,18 +22,23 @@ import torch
 from compatkit.eval.flips import flip_rates, top_k_correct
 from compatkit.eval.metrics import (
     DEFAULT_BLOCK_POSITIVES,
-    BucketTable,
+    GEMM_ROWS,
+    TILE_ROWS,
+    BucketGrid,
     ClassIndex,
+    KnownPairs,
     Positions,
     PositiveRanks,
+    QueryBlock,
+    SharedItems,
     SortedPositives,
+    Workspace,
+    by_class,
     check_exclude_self,
-    chunk_candidates,
-    float_order_key,
+    max_abs_score,
     parse_metrics,
     plan_query_blocks,
     positive_scores,
-    reverse_segment_counts,
 )
 from compatkit.eval.ordering import backfill_count, check_permutation
 from compatkit.eval.retrieval import (
@@ -53,6 +58,9 @@ from compatkit.eval.retrieval import (
 logger = logging.getLogger(__name__)
 
 Reference = Literal["old_old", "previous_step"]
+
+#: Bucket table size per query row in the curve walk (its rows hold two targets per positive).
+CURVE_BUCKETS_PER_ROW = 8192
 
 
 def auc_trapezoid(fractions: Sequence[float], values: Sequence[float]) -> float:
@@ -165,76 +173,95 @@ def _check_fractions(fractions: Sequence[float] | None, steps: int) -> list[floa
 
 
 class _StepHistograms:
-    """Item bins per step: step 0 holds every item in its old state, step t adds the change of
-    the items that switch at t; prefix sums over steps give each step's histogram. A spare last
-    step collects the items that never switch. Laid out bin-major, so the scattered adds of one
-    query stay within a small region."""
+    """Bins of the walked items (positives excluded) per step. Every item starts in its old
+    state (``base``); at the step where it switches, ``delta`` moves it from its old bin to
+    its new one; running sums over steps give each step's histogram. A spare last step
+    collects the items that never switch. Items tied with a target (rare) are also kept as
+    records, for the rank order."""
 
     def __init__(self, steps: int, nbins: int, device: torch.device) -> None:
         self.steps, self.nbins, self.width = steps, nbins, steps + 1
-        self.ge = torch.zeros(nbins * self.width, dtype=torch.int64, device=device)
-        self.rank_delta = torch.zeros(nbins * self.width, dtype=torch.int64, device=device)
+        self.base = torch.zeros(nbins, dtype=torch.int64, device=device)
+        self.delta = torch.zeros(self.width, nbins, dtype=torch.int64, device=device)
+        self._ties: list[tuple[torch.Tensor, ...]] = []
+        self._ones = torch.ones(1 << 16, dtype=torch.int64, device=device)
 
-    def _moves(
+    def _unit(self, n: int) -> torch.Tensor:
+        if self._ones.numel() < n:
+            self._ones = torch.ones(
+                max(n, 2 * self._ones.numel()), dtype=torch.int64, device=self._ones.device
+            )
+        return self._ones[:n]
+
+    def add(
         self,
-        target: torch.Tensor,
-        at: torch.Tensor,
-        bin_from: torch.Tensor,
-        bin_to: torch.Tensor,
-        base: torch.Tensor | None,
+        pos: Positions,
+        step: int | torch.Tensor,
+        *,
+        new: bool,
+        bin_range: tuple[int, int] | None = None,
     ) -> None:
-        """+1 at (base, 0), −1 at (bin_from, at), +1 at (bin_to, at), in one scatter."""
-        w = self.width
-        parts = [bin_to.long() * w + at, bin_from.long() * w + at]
-        signs = [1, -1]
-        if base is not None:
-            parts.append(base.long() * w)
-            signs.append(1)
-        weights = torch.cat(
-            [torch.full_like(p, sign) for p, sign in zip(parts, signs, strict=True)]
-        )
-        target.index_add_(0, torch.cat(parts), weights)
+        """Items located in their old (``new=False``) or new state, switching at ``step``
+        (one int for all, or (n,) per item; ``steps`` = never). With ``bin_range`` (lo, hi)
+        and an int step the bins are relative to lo, as :class:`TileItems` gives them: one
+        bincount then serves all items."""
+        sign = 1 if new else -1
+        if isinstance(step, int) and bin_range is not None:
+            if pos.bin.numel():
+                lo, hi = bin_range
+                c = torch.bincount(pos.bin, minlength=hi - lo)
+                if not new:
+                    self.base[lo:hi] += c
+                    self.delta[step, lo:hi] -= c
+                else:
+                    self.delta[step, lo:hi] += c
+        else:
+            if not new:
+                self.base.index_add_(0, pos.bin, self._unit(pos.bin.numel()))
+            idx = pos.bin.to(torch.int64) + step * self.nbins
+            self.delta.view(-1).index_add_(0, idx, self._unit(idx.numel()), alpha=sign)
+        if pos.tie_idx.numel():
+            ge = pos.bin[pos.tie_idx].to(torch.int64)
+            at = torch.full_like(ge, step) if isinstance(step, int) else step[pos.tie_idx]
+            # the item is in this state at steps [0, switch) when old, [switch, steps) when new
+            start, stop = (at, torch.full_like(at, self.steps)) if new else (at * 0, at)
+            self._ties.append((pos.tie_bin.to(torch.int64), ge, start, stop))
 
-    def add(self, old: Positions, new: Positions, switch: torch.Tensor) -> None:
-        """``switch``: (n,) step at which each item turns new (``steps`` = never)."""
-        self._moves(self.ge, switch, old.bin, new.bin, old.bin)
-        # rank bins differ from ge bins only at ties with a positive: add (rank − ge) there
-        if old.tie_idx.numel():
-            i = old.tie_idx
-            self._moves(self.rank_delta, switch[i], old.tie_bin, old.bin[i], old.tie_bin)
-            self.rank_delta.index_add_(0, old.bin[i].long() * self.width, -torch.ones_like(i))
-        if new.tie_idx.numel():
-            i = new.tie_idx
-            self._moves(self.rank_delta, switch[i], new.bin[i], new.tie_bin, None)
+    def per_step(self) -> Iterator[torch.Tensor]:
+        """The ge histogram of the items at each step (one buffer, updated in place)."""
+        ge = self.base.clone()
+        for s in range(self.steps):
+            ge += self.delta[s]
+            yield ge
 
-    def per_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(steps, nbins) histograms for n_ge and for rank."""
-        ge = torch.cumsum(self.ge.view(self.nbins, self.width), 1)[:, : self.steps]
-        delta = torch.cumsum(self.rank_delta.view(self.nbins, self.width), 1)[:, : self.steps]
-        return ge.T.contiguous(), (ge + delta).T.contiguous()
+    def tie_targets(self, sp: SortedPositives) -> tuple[torch.Tensor, ...]:
+        """(target, first step, stop step) of each (tied item, target) pair where the item's
+        rank bin is below its ge bin: the item reaches that target but does not rank above
+        it (it has the same score and a higher gallery index)."""
+        if not self._ties:
+            empty = sp.row.new_empty(0)
+            return empty, empty, empty
+        rank_bin, ge_bin, start, stop = (torch.cat(x) for x in zip(*self._ties, strict=True))
+        row_bin0 = sp.offsets + torch.arange(sp.num_rows + 1, device=sp.row.device)
+        row = torch.searchsorted(row_bin0, ge_bin, right=True) - 1
+        n = ge_bin - rank_bin
+        first = torch.repeat_interleave(rank_bin - row, n)
+        within = torch.arange(first.numel(), device=first.device)
+        within -= torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+        spread = (torch.repeat_interleave(x, n) for x in (start, stop))
+        return (first + within, *spread)
 
 
-def _step_ranks(
-    sorted_pos: torch.Tensor,
-    n_pos: int,
-    offsets: torch.Tensor,
-    pos_row: torch.Tensor,
-    target_score: torch.Tensor,
-    new_now: torch.Tensor,
-    n_ge_all: torch.Tensor,
-    rank_all: torch.Tensor,
-) -> PositiveRanks:
-    """PositiveRanks of one step, where positive i sits at its old or new target
-    (``sorted_pos[e]``: sorted position of target entry e = 2i + state)."""
-    entry = 2 * torch.arange(n_pos, device=pos_row.device) + new_now.to(torch.int64)
-    where = sorted_pos[entry]
-    n_ge, rank = n_ge_all[where], rank_all[where]
-    value = target_score[entry]
-    key = (pos_row << 32) + float_order_key(value)
-    first_ge = torch.searchsorted(torch.sort(key).values, key)
-    tp_ge = offsets[1:][pos_row] - first_ge
-    order = torch.argsort((pos_row << 32) + rank)
-    return PositiveRanks(offsets, rank[order], n_ge[order], tp_ge[order])
+def _walk_segments(counts: Sequence[int], ng: int, chunk_size: int) -> list[tuple[int, int, int]]:
+    """The walk over the gallery in backfill order: (start, stop, step) pieces of at most
+    ``chunk_size`` positions whose items all switch at ``step`` (position p is new at step s
+    when p < counts[s], so it switches at the number of counts <= p)."""
+    cuts = sorted({0, ng, *(c for c in counts if 0 < c < ng)})
+    pieces = []
+    for a, b in itertools.pairwise(cuts):
+        step = int(np.searchsorted(np.asarray(counts), a, side="right"))
+        pieces += [(sl.start + a, sl.stop + a, step) for sl in blocks(b - a, chunk_size)]
+    return pieces
 
 
 def backfill_curve(
@@ -307,12 +334,15 @@ def backfill_curve(
     nq, ng = q.shape[0], go.shape[0]
     perm = check_permutation(order, ng)
     counts = [backfill_count(ng, f) for f in fr]
-    position = np.empty(ng, dtype=np.int64)
-    position[perm] = np.arange(ng)
-    switch = torch.from_numpy(np.searchsorted(np.asarray(counts), position, side="right")).to(
-        q.device
-    )
     n_steps = len(fr)
+    # the walk visits the gallery in backfill order, so each piece switches at one step
+    walk_order = torch.from_numpy(perm).to(q.device)
+    position = torch.empty_like(walk_order)
+    position[walk_order] = torch.arange(ng, device=q.device)
+    segments = _walk_segments(counts, ng, chunk_size)
+    switch = torch.searchsorted(
+        torch.tensor(counts, dtype=torch.int64, device=q.device), position, right=True
+    )
 
     ref_correct = None
     if old_query is not None:
@@ -335,9 +365,19 @@ def backfill_curve(
     sums = np.zeros((n_steps, len(specs)))
     counted = 0
     correct = np.zeros((n_steps, nq), dtype=bool)
+    index = ClassIndex.build(gl)
+    walk = _CurveWalk(
+        (_reordered(gpo, walk_order), _reordered(gpn, walk_order)),
+        (by_class(gpo, index), by_class(gpn, index)),
+        segments,
+        walk_order,
+        position,
+        switch,
+        n_steps,
+    )
     for block in plan_query_blocks(
         ql,
-        ClassIndex.build(gl),
+        index,
         exclude_self=exclude_self,
         query_block=query_block,
         max_positives=DEFAULT_BLOCK_POSITIVES // 2,
@@ -345,16 +385,7 @@ def backfill_curve(
         qb = Prepared(
             qp.feats[block.qidx], None if qp.sq_norms is None else qp.sq_norms[block.qidx]
         )
-        per_step = _walk_block_curve(
-            qb,
-            gpo,
-            gpn,
-            block,
-            switch,
-            n_steps,
-            exclude_self=exclude_self,
-            chunk_size=chunk_size,
-        )
+        per_step = walk.block(qb, block, exclude_self=exclude_self)
         idx = block.qidx.cpu().numpy()
         valid = (block.offsets[1:] > block.offsets[:-1]).cpu().numpy()
         counted += int(valid.sum())
@@ -388,65 +419,152 @@ def backfill_curve(
     )
 
 
-def _walk_block_curve(
-    qb: Prepared,
-    gpo: Prepared,
-    gpn: Prepared,
-    block: Any,
-    switch: torch.Tensor,
-    n_steps: int,
-    *,
-    exclude_self: bool,
-    chunk_size: int,
-) -> list[PositiveRanks]:
-    """One walk over the gallery for a query block; PositiveRanks at every step."""
-    ng = gpo.feats.shape[0]
-    dev = qb.feats.device
-    y_old = positive_scores(qb, gpo, block, chunk_size)
-    y_new = positive_scores(qb, gpn, block, chunk_size)
-    n_pos = y_old.numel()
-    # two targets per positive (its old and new score), interleaved: entry 2i + state
-    t_row = torch.repeat_interleave(block.pos_row, 2)
-    t_col = torch.repeat_interleave(block.pos_col, 2)
-    t_score = torch.stack([y_old, y_new], dim=1).view(-1)
-    sp = SortedPositives.build(2 * block.offsets, t_row, t_col, t_score)
-    table = BucketTable(sp)
-    hist = _StepHistograms(n_steps, sp.num_bins, dev)
-    nb = block.qidx.numel()
-    width = min(chunk_size, ng)
-    buf_o = torch.empty(nb, width, device=dev)
-    buf_n = torch.empty(nb, width, device=dev)
-    mask = torch.empty(nb, width, dtype=torch.bool, device=dev)
-    for g_sl in blocks(ng, chunk_size):
-        s_o = score_block(qb, gpo, slice(None), g_sl, out=buf_o)
-        s_n = score_block(qb, gpn, slice(None), g_sl, out=buf_n)
-        inside = sp.in_chunk(g_sl.start, g_sl.stop)
-        is_new = (sp.source[inside] % 2).bool()
-        for s, sel in ((s_o, inside[~is_new]), (s_n, inside[is_new])):
-            s[sp.row[sel], sp.col[sel] - g_sl.start] = sp.score[sel]
-        if exclude_self:
-            own = torch.nonzero((block.qidx >= g_sl.start) & (block.qidx < g_sl.stop)).view(-1)
-            s_o[own, block.qidx[own] - g_sl.start] = -torch.inf
-            s_n[own, block.qidx[own] - g_sl.start] = -torch.inf
-        cand = chunk_candidates([s_o, s_n], sp.lo, g_sl.start, mask)
-        if cand.rows.numel():
-            hist.add(table.locate(cand, 0), table.locate(cand, 1), switch[cand.cols()])
-    ge, rank = hist.per_step()
-    n_ge_all = reverse_segment_counts(sp, ge)
-    rank_all = reverse_segment_counts(sp, rank)
-    sorted_pos = torch.empty_like(sp.source)
-    sorted_pos[sp.source] = torch.arange(sp.source.numel(), device=sp.source.device)
-    pos_switch = switch[block.pos_col]
-    return [
-        _step_ranks(
-            sorted_pos,
-            n_pos,
-            block.offsets,
-            block.pos_row,
-            t_score,
-            pos_switch <= s,
-            n_ge_all[s],
-            rank_all[s],
+@dataclass(frozen=True)
+class _CurveWalk:
+    """What every query block's curve walk shares: (old, new) prepared galleries in walk
+    (backfill) order and in class order, the walk pieces (start, stop, step), the gallery
+    index at each walk position and back, and each gallery item's switch step."""
+
+    galleries: tuple[Prepared, Prepared]
+    galleries_by_class: tuple[Prepared, Prepared]
+    segments: list[tuple[int, int, int]]
+    walk_order: torch.Tensor
+    position: torch.Tensor
+    switch: torch.Tensor
+    n_steps: int
+    workspace: Workspace = field(default_factory=Workspace)
+
+    def block(self, qb: Prepared, block: QueryBlock, *, exclude_self: bool) -> list[PositiveRanks]:
+        """One walk over the gallery for a query block; PositiveRanks at every step."""
+        dev = qb.feats.device
+        y_old, y_new = (positive_scores(qb, g, block) for g in self.galleries_by_class)
+        n_pos = y_old.numel()
+        # two targets per positive (its old and new score), interleaved: entry 2i + state
+        t_row = torch.repeat_interleave(block.pos_row, 2)
+        t_col = torch.repeat_interleave(block.pos_col, 2)
+        t_score = torch.stack([y_old, y_new], dim=1).view(-1)
+        sp = SortedPositives.build(2 * block.offsets, t_row, t_col, t_score)
+        hist = _StepHistograms(self.n_steps, sp.num_bins, dev)
+        if n_pos:
+            self._count(qb, block, sp, hist, (y_old, y_new), exclude_self=exclude_self)
+        # the positives: at each step each sits at the target of its current state
+        sorted_pos = torch.empty_like(sp.source)
+        sorted_pos[sp.source] = torch.arange(sp.source.numel(), device=dev)
+        entry = 2 * torch.arange(n_pos, device=dev) + (self.switch[block.pos_col] <= 0)
+        new_at = torch.bincount(self.switch[block.pos_col], minlength=self.n_steps + 1)
+        order_by_switch = torch.argsort(self.switch[block.pos_col], stable=True)
+        bounds = torch.cumsum(new_at, 0).tolist()
+        row = block.pos_row
+        row_start, row_end = block.offsets[row], sp.offsets[row + 1]
+        bin_end = row_end + row + 1  # the next row's bin 0
+        n_targets = sp.source.numel()
+        active = torch.zeros(n_targets + 1, dtype=torch.int64, device=dev)
+        act = torch.empty_like(active)  # act[g]: active targets before sorted position g
+        cum = torch.zeros(sp.num_bins + 1, dtype=torch.int64, device=dev)
+        tie_target, tie_start, tie_stop = hist.tie_targets(sp)
+        tie_pos = sp.source[tie_target] // 2
+        ranks = torch.arange(n_pos, device=dev)
+        out = []
+        for s, items_ge in enumerate(hist.per_step()):
+            # positives switching at this step move to their new target
+            switched = order_by_switch[(bounds[s - 1] if s else 0) : bounds[s]]
+            entry[switched] = 2 * switched + 1
+            where = sorted_pos.index_select(0, entry)
+            active.zero_()
+            active.index_fill_(0, where + 1, 1)
+            torch.cumsum(active, 0, out=act)
+            end = act.index_select(0, row_end)
+            above = end - act.index_select(0, where + 1)
+            tp_ge = end - act.index_select(0, sp.group_start.index_select(0, where))
+            # items reaching beyond each positive: tails of the item histogram
+            torch.cumsum(items_ge, 0, out=cum[1:])
+            n_items = cum.index_select(0, bin_end) - cum.index_select(0, where + row + 1)
+            rank = n_items + above
+            if tie_target.numel():
+                live = (tie_start <= s) & (s < tie_stop) & (where[tie_pos] == tie_target)
+                rank -= torch.bincount(tie_pos[live], minlength=n_pos)
+            best_first = torch.empty_like(where)
+            best_first[row_start + above] = ranks
+            pick = (rank, n_items + tp_ge, tp_ge)
+            out.append(PositiveRanks(block.offsets, *(x[best_first] for x in pick)))
+        return out
+
+    def _count(
+        self,
+        qb: Prepared,
+        block: QueryBlock,
+        sp: SortedPositives,
+        hist: _StepHistograms,
+        scores: tuple[torch.Tensor, torch.Tensor],
+        *,
+        exclude_self: bool,
+    ) -> None:
+        """Fill ``hist`` with every walked item of every step, piece by piece (a piece's
+        items all switch at one step). ``scores``: (old, new) score of each positive."""
+        grid = BucketGrid(
+            sp,
+            score_bound=max_abs_score(qb, *self.galleries),
+            buckets_per_row=CURVE_BUCKETS_PER_ROW,
+            workspace=self.workspace,
         )
-        for s in range(n_steps)
-    ]
+        floors = self._floors(block, scores, grid.scale)
+        starts = [a for a, _, _ in self.segments]
+        known = KnownPairs(
+            sp, block.qidx, starts, exclude_self=exclude_self, position=self.position
+        )
+        qs = grid.scaled(qb, query=True)
+        scaled = [grid.scaled(gp, query=False) for gp in self.galleries]
+        nb = block.qidx.numel()
+        width_max = max(b - a for a, b, _ in self.segments)
+        dev, ws = qb.feats.device, self.workspace
+        buf = ws.take("scores", min(GEMM_ROWS, nb) * width_max, torch.float32, dev)
+        mask = ws.take("mask", min(TILE_ROWS, nb) * width_max, torch.bool, dev)
+        for seg, (a, b, step) in enumerate(self.segments):
+            # always-new pieces cancel in the old state; never-new ones in the new state
+            states = [st for st in (0, 1) if (st, step) not in ((0, 0), (1, self.n_steps))]
+            bounds = known.in_tiles(seg, GEMM_ROWS)
+            shared: tuple[list[SharedItems], list[SharedItems]] = ([], [])
+            for t, gr_sl in enumerate(blocks(nb, GEMM_ROWS)):
+                for state in states:
+                    sg = score_block(qs, scaled[state], gr_sl, slice(a, b), out=buf)
+                    known.skip(sg, gr_sl.start, a, bounds[t], bounds[t + 1])
+                    floor = floors[state][step]
+                    for r_sl in blocks(gr_sl.stop - gr_sl.start, TILE_ROWS):
+                        row0 = gr_sl.start + r_sl.start
+                        items = grid.locate(sg[r_sl], row0, a, mask, floor)
+                        hist.add(items.positions, step, new=bool(state), bin_range=items.bin_range)
+                        if items.shared is not None:
+                            shared[state].append(items.shared)
+            for state in states:
+                if shared[state]:
+                    placed = grid.settle(SharedItems.cat(shared[state]), self.walk_order)
+                    hist.add(placed, step, new=bool(state))
+
+    def _floors(
+        self, block: QueryBlock, scores: tuple[torch.Tensor, torch.Tensor], scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(old, new) floors: ``floors[state][t]`` (nb,) is the lowest scaled score of the
+        targets active while an item switching at step t is in ``state``; items below it
+        reach none of them then. (Positive i's old target is active at the steps before its
+        switch sw_i, its new one from sw_i on.)"""
+        nb, steps = block.qidx.numel(), self.n_steps
+        sw = self.switch[block.pos_col]
+        key = sw * nb + block.pos_row
+        lowest = []
+        for y in scores:
+            m = torch.full(((steps + 1) * nb,), torch.inf, device=y.device)
+            lowest.append(m.scatter_reduce_(0, key, y, "amin").view(steps + 1, nb))
+        old_from = torch.flip(torch.cummin(torch.flip(lowest[0], [0]), 0).values, [0])
+        new_upto = torch.cummin(lowest[1], 0).values
+        inf = torch.full((1, nb), torch.inf, device=sw.device)
+        # old state at steps [0, t): old targets with sw >= 1, new ones with sw <= t - 1
+        old = torch.minimum(old_from[1:2], torch.cat([inf, new_upto[:-1]]))
+        # new state at steps [t, steps): old targets with sw > t, new ones with sw < steps
+        new = torch.minimum(torch.cat([old_from[1:], inf]), new_upto[steps - 1 : steps])
+        return old * scale, new * scale
+
+
+def _reordered(p: Prepared, order: torch.Tensor) -> Prepared:
+    """Prepared features with rows taken in ``order``."""
+    norms = None if p.sq_norms is None else p.sq_norms.index_select(0, order)
+    return Prepared(p.feats.index_select(0, order), norms)

@@ -3,10 +3,12 @@
 Every metric derives from the positives of each query: for each positive we count the gallery
 items scoring at least as high (sklearn threshold semantics, for ``map``) and the items ranked
 above it with ties going to the lower gallery index (for rank metrics). The walk scores one
-(query block × gallery chunk) at a time, never an (nq, ng) matrix. Items scoring below a
-query's lowest positive are skipped; the others are placed among the query's sorted positive
-scores by a per-query bucket table (exact: only items sharing a bucket with a positive are
-binary-searched) and counted in a histogram, whose reverse prefix sums give every count.
+tile (query rows × gallery chunk) at a time, never an (nq, ng) matrix, with the queries
+pre-multiplied by a power of two so every score comes out scaled exactly. Positive pairs are
+skipped (they are counted from their canonical scores) and so are items scoring below a
+query's lowest positive; the others are placed among the query's sorted positive scores by a
+bucket table (O(1) per item; only items sharing a bucket with a positive are compared one by
+one) and counted in a histogram per tile, whose tail sums give every count.
 
 Metric names (the table :data:`METRICS`): ``map``, ``map@r``, ``map@k`` (e.g. ``map@100``),
 ``cmc@k`` (alias ``recall@k``), ``precision@k``. Every metric averages over the queries that
@@ -15,7 +17,9 @@ have at least one positive in the gallery.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ from compatkit.eval.retrieval import (
     check_distance,
     check_positive_int,
     check_same_dim,
+    numpy_fast_path,
     prepare,
     score_block,
 )
@@ -73,7 +78,7 @@ class PositiveRanks:
         """(nb,) int64 positives per query."""
         return self.offsets[1:] - self.offsets[:-1]
 
-    @property
+    @functools.cached_property
     def row(self) -> torch.Tensor:
         """(P,) int64 query row of each positive."""
         m = self.num_positives
@@ -279,20 +284,22 @@ def check_exclude_self(
 class QueryBlock:
     """A block of queries (sorted by label) and all their positives.
 
-    The positives are sorted by (query row, score ascending, gallery index descending).
-
     Shapes:
         qidx: (nb,) original query indices.   offsets: (nb + 1,) CSR offsets of positives.
-        pos_row, pos_col: (P,) query row and gallery index, sorted by row.
-        new_columns: (nb,) gallery items a row adds to the positives of the rows before it
-            (its class size where its label starts a run, else 0).
+        pos_row, pos_col: (P,) query row and gallery index, sorted by (row, gallery index).
+        pos_member: (P,) position of each positive in the class-sorted gallery
+            (``ClassIndex.members`` order).
+        member_start, member_stop: (nb,) each row's class range in that order (empty for a
+            label absent from the gallery).
     """
 
     qidx: torch.Tensor
     offsets: torch.Tensor
     pos_row: torch.Tensor
     pos_col: torch.Tensor
-    new_columns: torch.Tensor
+    pos_member: torch.Tensor
+    member_start: torch.Tensor
+    member_stop: torch.Tensor
 
 
 def plan_query_blocks(
@@ -321,16 +328,13 @@ def plan_query_blocks(
         start, full, count = start_all[i:end], full_all[i:end], count_all[i:end]
         rows = torch.repeat_interleave(torch.arange(end - i, device=dev), full)
         first = torch.cumsum(full, 0) - full
-        within = torch.arange(rows.numel(), device=dev) - first[rows]
-        cols = index.members[start[rows] + within]
+        member = start[rows] + torch.arange(rows.numel(), device=dev) - first[rows]
+        cols = index.members[member]
         if exclude_self:
             keep = cols != qidx[rows]
-            rows, cols = rows[keep], cols[keep]
+            rows, cols, member = rows[keep], cols[keep], member[keep]
         offsets = torch.cat([count.new_zeros(1), torch.cumsum(count, 0)])
-        labels = query_labels[qidx]
-        starts_run = torch.ones_like(labels, dtype=torch.bool)
-        starts_run[1:] = labels[1:] != labels[:-1]
-        yield QueryBlock(qidx, offsets, rows, cols, torch.where(starts_run, full, 0))
+        yield QueryBlock(qidx, offsets, rows, cols, member, start, start + full)
         i = end
 
 
@@ -340,32 +344,49 @@ def float_order_key(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= 0, bits, -(bits & _INT31))
 
 
-def positive_scores(qb: Prepared, gp: Prepared, block: QueryBlock, chunk_size: int) -> torch.Tensor:
-    """(P,) score of each positive pair, from GEMMs of groups of same-label rows against the
-    union of their positives (about ``chunk_size`` items per group).
+#: Positive scores are computed in GEMMs of consecutive rows against the class-sorted gallery
+#: range holding all their positives: at most this many columns and this many scores each.
+_POSITIVE_COLUMNS = 1024
+_POSITIVE_SCORES = 1 << 20
 
-    The walk overwrites the chunk scores of positive pairs with these values, so a positive is
-    always compared with itself consistently whatever rounding the BLAS picks.
+
+def by_class(gp: Prepared, index: ClassIndex) -> Prepared:
+    """The gallery in ``ClassIndex.members`` order (each class contiguous)."""
+    norms = None if gp.sq_norms is None else gp.sq_norms.index_select(0, index.members)
+    return Prepared(gp.feats.index_select(0, index.members), norms)
+
+
+def positive_scores(qb: Prepared, by_class_gallery: Prepared, block: QueryBlock) -> torch.Tensor:
+    """(P,) score of each positive pair of the block.
+
+    Consecutive rows (sorted by label) share a short range of the class-sorted gallery that
+    holds all their positives, so a few GEMMs of contiguous slices cover every pair. The walk
+    skips positive pairs and uses these canonical values instead, so a positive is always
+    compared consistently whatever rounding the BLAS picks.
     """
     out = torch.empty(block.pos_col.numel(), dtype=torch.float32, device=block.pos_col.device)
     if not out.numel():
         return out
-    cum = torch.cumsum(block.new_columns, 0).cpu()
-    offsets = block.offsets.cpu()
-    nb, ra = block.qidx.numel(), 0
+    starts, stops = block.member_start.tolist(), block.member_stop.tolist()
+    offsets = block.offsets.tolist()
+    nb, ra = len(starts), 0
     while ra < nb:
-        before = int(cum[ra - 1]) if ra else 0
-        rb = int(torch.searchsorted(cum, torch.tensor(before + chunk_size), right=True))
-        rb = min(max(rb, ra + 1), nb)
-        pa, pb = int(offsets[ra]), int(offsets[rb])
-        if pa < pb:
-            cols = block.pos_col[pa:pb]
-            uniq = torch.unique(cols)
-            where = torch.searchsorted(uniq, cols)
-            for sl in blocks(uniq.numel(), chunk_size):
-                sel = torch.nonzero((where >= sl.start) & (where < sl.stop)).view(-1)
-                s = score_block(qb, gp, slice(ra, rb), uniq[sl])
-                out[pa + sel] = s[block.pos_row[pa + sel] - ra, where[sel] - sl.start]
+        if offsets[ra + 1] == offsets[ra]:
+            ra += 1
+            continue
+        ca, cb, rb = starts[ra], stops[ra], ra + 1
+        while rb < nb:
+            if offsets[rb + 1] > offsets[rb]:
+                stop = max(cb, stops[rb])
+                wider = stop > cb and stop - ca > _POSITIVE_COLUMNS
+                if wider or (rb + 1 - ra) * (stop - ca) > _POSITIVE_SCORES:
+                    break
+                cb = stop
+            rb += 1
+        pa, pb = offsets[ra], offsets[rb]
+        s = score_block(qb, by_class_gallery, slice(ra, rb), slice(ca, cb))
+        flat = (block.pos_row[pa:pb] - ra) * (cb - ca) + (block.pos_member[pa:pb] - ca)
+        out[pa:pb] = s.view(-1).index_select(0, flat)
         ra = rb
     return out
 
@@ -373,82 +394,30 @@ def positive_scores(qb: Prepared, gp: Prepared, block: QueryBlock, chunk_size: i
 # ----------------------------------------------------------------------------------------------
 # The walk
 
+#: Buckets per query row the bucket table aims at (int32 entries; a block of 2048 queries holds
+#: about 2048 × this many). More buckets leave fewer items to compare with positives one by one.
+DEFAULT_BUCKETS_PER_ROW = 4096
 
-@dataclass(frozen=True)
-class SortedPositives:
-    """A block's positives sorted by (row, score ascending, index descending), with search keys.
+#: Query rows scored and placed at once within a block: the tile (rows × chunk) and the work
+#: arrays of its candidates stay in cache between the steps.
+TILE_ROWS = 128
 
-    ``build`` takes them sorted by (row, gallery index); ``source[g]`` is the input position of
-    sorted entry g.
+#: Query rows scored in one GEMM; its output is then placed TILE_ROWS rows at a time.
+GEMM_ROWS = 512
 
-    Shapes (P = positives, nb = queries):
-        row, col, score, key, tie_key, group_start, source: (P,).  offsets: (nb + 1,).
-        lo, hi: (nb,) lowest / highest positive score (+inf for queries without positives).
-    """
 
-    offsets: torch.Tensor
-    row: torch.Tensor
-    col: torch.Tensor
-    score: torch.Tensor
-    key: torch.Tensor
-    tie_key: torch.Tensor
-    group_start: torch.Tensor
-    lo: torch.Tensor
-    hi: torch.Tensor
-    col_order: torch.Tensor
-    sorted_col: torch.Tensor
-    source: torch.Tensor
+def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Positions of the true entries of a contiguous bool tensor, flattened (int64)."""
+    if numpy_fast_path(mask):
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return torch.nonzero(mask.view(-1)).view(-1)
 
-    @classmethod
-    def build(
-        cls, offsets: torch.Tensor, row: torch.Tensor, col: torch.Tensor, score: torch.Tensor
-    ) -> SortedPositives:
-        # (row, col ascending) reversed → stable sort by (row, score) leaves col descending
-        rev = torch.arange(row.numel() - 1, -1, -1, device=row.device)
-        key = (row[rev] << 32) + float_order_key(score[rev])
-        order = rev[torch.sort(key, stable=True).indices]
-        row, col, score = row[order], col[order], score[order]
-        key = (row << 32) + float_order_key(score)
-        group_start = torch.searchsorted(key, key)
-        tie_key = (group_start << 32) + (_INT31 - col)
-        nb = offsets.numel() - 1
-        has = offsets[1:] > offsets[:-1]
-        lo = torch.full((nb,), torch.inf, device=score.device)
-        hi = torch.full((nb,), torch.inf, device=score.device)
-        if score.numel():
-            lo = torch.where(has, score[offsets[:-1].clamp(max=score.numel() - 1)], lo)
-            hi = torch.where(has, score[(offsets[1:] - 1).clamp(min=0)], hi)
-        col_order = torch.argsort(col)
-        return cls(
-            offsets,
-            row,
-            col,
-            score,
-            key,
-            tie_key,
-            group_start,
-            lo,
-            hi,
-            col_order,
-            col[col_order],
-            order,
-        )
 
-    @property
-    def num_rows(self) -> int:
-        return self.offsets.numel() - 1
-
-    @property
-    def num_bins(self) -> int:
-        """Histogram bins: row r owns bins ``offsets[r] + r + t`` for t in ``0..m_r``."""
-        return int(self.offsets[-1]) + self.num_rows
-
-    def in_chunk(self, start: int, stop: int) -> torch.Tensor:
-        """Indices (into the sorted positives) of the positives with gallery index in range."""
-        dev = self.col.device
-        a = int(torch.searchsorted(self.sorted_col, torch.tensor(start, device=dev)))
-        b = int(torch.searchsorted(self.sorted_col, torch.tensor(stop, device=dev)))
-        return self.col_order[a:b]
+def repeat_counts(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``values[i]`` repeated ``counts[i]`` times, concatenated."""
+    if numpy_fast_path(values):
+        return torch.from_numpy(np.repeat(values.numpy(), counts.numpy()))
+    return torch.repeat_interleave(values, counts)
 
 
 @dataclass(frozen=True)
@@ -467,6 +436,117 @@ class Positions:
     tie_bin: torch.Tensor
 
 
+@dataclass(frozen=True)
+class SharedItems:
+    """Items that fell in buckets holding positives, set aside for exact placement
+    (:meth:`BucketGrid.settle`). Shapes (n,): table code, scaled score, block row and walk
+    position (the gallery index, unless the walk visits the gallery in another order)."""
+
+    code: torch.Tensor
+    vals: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+    @staticmethod
+    def cat(parts: Sequence[SharedItems]) -> SharedItems:
+        return SharedItems(*(torch.cat([getattr(p, f) for p in parts]) for f in _SHARED_FIELDS))
+
+
+_SHARED_FIELDS = ("code", "vals", "rows", "cols")
+
+
+@dataclass(frozen=True)
+class TileItems:
+    """The candidates of one tile: their bins relative to ``bin_range[0]`` (bin 0 of the first
+    row, which counts for nobody, for the ``shared`` items placed later), flat position in the
+    tile and count per tile row. Every bin lies in ``bin_range``. The bins may live in work
+    buffers reused by the next :meth:`BucketGrid.locate` call."""
+
+    positions: Positions
+    flat: torch.Tensor
+    row_counts: torch.Tensor
+    shared: SharedItems | None
+    bin_range: tuple[int, int]
+
+    def cols(self, width: int) -> torch.Tensor:
+        """(n,) int64 column of each item within the tile."""
+        if width & (width - 1) == 0:
+            return self.flat & (width - 1)
+        starts = torch.arange(self.row_counts.numel(), device=self.flat.device) * width
+        return self.flat - repeat_counts(starts, self.row_counts)
+
+
+def run_bounds(sorted_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each entry of a sorted key array, the start and end of its run of equal keys
+    (what ``searchsorted(keys, keys)`` left and right give, without the searches)."""
+    _, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
+    ends = torch.cumsum(counts, 0)
+    return repeat_counts(ends - counts, counts), repeat_counts(ends, counts)
+
+
+@dataclass(frozen=True)
+class SortedPositives:
+    """A block's positives sorted by (row, score ascending, index descending), with search keys.
+
+    ``build`` takes them sorted by (row, gallery index); ``source[g]`` is the input position of
+    sorted entry g.
+
+    Shapes (P = positives, nb = queries):
+        row, col, score, key, tie_key, source: (P,).  offsets: (nb + 1,).
+        group_start, group_end: (P,) the run of entries of the same row and score.
+        lo, hi: (nb,) lowest / highest positive score (+inf for queries without positives).
+    """
+
+    offsets: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    score: torch.Tensor
+    key: torch.Tensor
+    tie_key: torch.Tensor
+    group_start: torch.Tensor
+    group_end: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    source: torch.Tensor
+
+    @classmethod
+    def build(
+        cls, offsets: torch.Tensor, row: torch.Tensor, col: torch.Tensor, score: torch.Tensor
+    ) -> SortedPositives:
+        # (row, col ascending) reversed → stable sort by (row, score) leaves col descending
+        rev = torch.arange(row.numel() - 1, -1, -1, device=row.device)
+        key = (row[rev] << 32) + float_order_key(score[rev])
+        key, perm = torch.sort(key, stable=True)
+        order = rev[perm]
+        row, col, score = row[order], col[order], score[order]
+        group_start, group_end = run_bounds(key)
+        tie_key = (group_start << 32) + (_INT31 - col)
+        nb = offsets.numel() - 1
+        has = offsets[1:] > offsets[:-1]
+        lo = torch.full((nb,), torch.inf, device=score.device)
+        hi = torch.full((nb,), torch.inf, device=score.device)
+        if score.numel():
+            lo = torch.where(has, score[offsets[:-1].clamp(max=score.numel() - 1)], lo)
+            hi = torch.where(has, score[(offsets[1:] - 1).clamp(min=0)], hi)
+        return cls(offsets, row, col, score, key, tie_key, group_start, group_end, lo, hi, order)
+
+    @property
+    def num_rows(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def num_bins(self) -> int:
+        """Histogram bins: row r owns bins ``offsets[r] + r + t`` for t in ``0..m_r``."""
+        return int(self.offsets[-1]) + self.num_rows
+
+    def self_positions(self) -> Positions:
+        """Bins of every sorted entry as an item of its own row scoring its own score (the walk
+        skips positive pairs; entries sharing a gallery index never rank each other)."""
+        first_of_col, _ = run_bounds(self.tie_key)
+        idx = torch.arange(self.row.numel(), device=self.row.device)
+        return Positions(self.group_end + self.row, idx, first_of_col + self.row)
+
+
 def locate_exact(
     sp: SortedPositives, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor
 ) -> Positions:
@@ -480,113 +560,268 @@ def locate_exact(
     return Positions(right + rows, tied, gl + below + rows[tied])
 
 
-class BucketTable:
-    """Exact search in O(1) per item: per-row score buckets that hold no positive map straight
-    to a histogram bin; only items in a bucket that holds a positive are searched.
+def _bucket_scale(lo: torch.Tensor, top: float, score_bound: float, per_row: int) -> float:
+    """Power of two S giving the rows about ``per_row`` unit buckets each over [lo_r, top],
+    with |S·lo|, |S·top| <= 2^30 (int32 buckets) and S·score_bound <= 2^100 (no overflow)."""
+    if lo.numel() == 0:
+        return 1.0
+    lo64 = lo.to(torch.float64)
+    span = float((top - lo64).sum())
+    magnitude = max(abs(top), float(lo64.abs().max()))
+    e_max = 100 if magnitude == 0 else math.floor(math.log2(2.0**30 / magnitude))
+    bound = min(max(score_bound, 1e-30), 2.0**100)  # an overflowing l2 bound: S <= 1
+    e_max = min(e_max, math.floor(math.log2(2.0**100 / bound)), 100)
+    e = e_max if span <= 0 else math.floor(math.log2(per_row * lo.numel() / span))
+    return 2.0 ** max(min(e, e_max), -100)
 
-    Bucket of score s in row r: ``trunc(clamp((s - base_r) * scale_r, 0, B - 1))``, a monotone
-    function of s computed by the same elementwise ops for items and positives, so an item in a
-    bucket without positives is strictly above the positives of lower buckets and strictly below
-    the others.
+
+class Workspace:
+    """Work buffers reused from one query block to the next: fresh large arrays cost page
+    faults that are a sizeable part of the walk."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A buffer of ``n`` elements (contents undefined), reusing the one called ``name``."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            size = max(n, 1) if buf is None else max(n, buf.numel() * 5 // 4)
+            buf = torch.empty(size, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:n]
+
+
+class BucketGrid:
+    """Exact placement of item scores among a block's sorted positives in O(1) per item.
+
+    All scores are multiplied by a power of two S (exact: the walk scores pre-scaled queries,
+    so every order and tie is kept). A scaled score w falls in bucket ``trunc(min(w, top))``,
+    top = the block's highest scaled positive; row r owns the buckets from its lowest
+    positive's to top. The table maps a bucket without positives straight to its histogram
+    bin and a bucket holding positives to ``-1 - (its first positive)``: only items there are
+    compared with those positives, and items tied with one are searched for the rank order.
     """
 
     def __init__(
-        self, sp: SortedPositives, *, buckets_per_positive: int = 8, max_buckets: int = 2048
+        self,
+        sp: SortedPositives,
+        *,
+        score_bound: float,
+        buckets_per_row: int = DEFAULT_BUCKETS_PER_ROW,
+        workspace: Workspace | None = None,
     ) -> None:
         self.sp = sp
+        self.workspace = Workspace() if workspace is None else workspace
         dev = sp.score.device
-        nb = sp.num_rows
-        m = sp.offsets[1:] - sp.offsets[:-1]
-        max_m = int(m.max()) if nb else 0
-        wanted = 1 << (buckets_per_positive * max_m).bit_length()
-        self.n_buckets = int(min(max_buckets, max(256, wanted)))
-        span = (sp.hi - sp.lo).clamp(min=0)
-        span = torch.where(torch.isfinite(span), span, 0.0)
-        lo = torch.where(torch.isfinite(sp.lo), sp.lo, 0.0)
-        span = torch.where(span > 0, span, lo.abs().clamp(min=1.0) * 2.0**-20)
-        # power-of-two scale: hi lands at most at bucket B - 2 (2 below lo are left empty)
-        exponent = torch.floor(torch.log2((self.n_buckets - 4) / span)).clamp(-100, 100)
-        self.scale = torch.exp2(exponent).to(torch.float32)
-        self.base = (lo - 2.0 / self.scale).to(torch.float32)
-        # rows without positives: everything falls in bucket 0, which counts towards nobody
-        self.base = torch.where(m > 0, self.base, torch.inf)
-        self.scale = torch.where(m > 0, self.scale, 1.0)
-        self.dump = sp.num_bins
-        flat = sp.row * self.n_buckets + self.bucket(sp.row, sp.score)
-        counts = torch.zeros(nb * self.n_buckets, dtype=torch.int32, device=dev)
-        counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        counts = counts.view(nb, self.n_buckets)
-        below = torch.cumsum(counts, dim=1, dtype=torch.int32).sub_(counts)
-        binbase = (sp.offsets[:-1] + torch.arange(nb, device=dev)).to(torch.int32)[:, None]
-        table = below.add_(binbase).masked_fill_(counts > 0, self.dump)
-        self.table = table.view(-1)
+        has = sp.offsets[1:] > sp.offsets[:-1]
+        top = float(sp.score.max()) if sp.score.numel() else 0.0
+        self.scale = _bucket_scale(sp.lo[has], top, score_bound, buckets_per_row)
+        self.lo = sp.lo * self.scale
+        self.pos = sp.score * self.scale
+        self.top = top * self.scale
+        lo_bucket = torch.where(has, self.lo, 0.0).to(torch.int32).to(torch.int64)
+        n = torch.where(has, int(self.top) - lo_bucket + 1, 0)
+        ends = torch.cumsum(n, 0)
+        total = int(ends[-1]) if n.numel() else 0
+        if total >= 1 << 31:
+            raise ValueError(f"bucket table of {total} entries needs int64; use a smaller block")
+        self.off = (ends - n - lo_bucket).to(torch.int32)
+        # table value of a bucket without positives: positives below it + its row (its bin)
+        pidx = self.off[sp.row].to(torch.int64) + self.pos.to(torch.int32)
+        shared, fill = torch.unique_consecutive(pidx, return_counts=True)
+        first = torch.cumsum(fill, 0) - fill
+        step = self.workspace.take("table", total + 1, torch.int32, dev).zero_()
+        step.index_add_(0, shared + 1, fill.to(torch.int32))
+        rows_with = torch.nonzero(has).view(-1)
+        row_step = torch.diff(rows_with, prepend=rows_with.new_zeros(1))
+        step.index_add_(0, (ends - n)[rows_with], row_step.to(torch.int32))
+        self.table = step[:total].cumsum_(0)
+        self.table[shared] = (-1 - first).to(torch.int32)
+        self.bucket_end = repeat_counts(first + fill, fill)
+        #: Bin 0 of each row (items reaching no positive; it counts for nobody), and the end.
+        self.row_bin0 = sp.offsets + torch.arange(sp.num_rows + 1, device=dev)
+        self._bin0 = self.row_bin0.tolist()
+        self._np = {}
+        if numpy_fast_path(self.table):
+            self._np = {
+                "off": self.off.numpy(),
+                "top": np.float32(self.top),
+                "row_bounds": np.arange(sp.num_rows + 1, dtype=np.int64),
+                "row_bin0": self.row_bin0.numpy(),
+            }
 
-    def bucket(self, rows: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-        x = torch.sub(vals, self.base.index_select(0, rows))
-        x.mul_(self.scale.index_select(0, rows)).clamp_(0, self.n_buckets - 1)
-        return x.to(torch.int64)
+    def scaled(self, p: Prepared, *, query: bool) -> Prepared:
+        """Features whose scores come out multiplied by S (queries scaled, l2 norms scaled)."""
+        norms = None if p.sq_norms is None else p.sq_norms * self.scale
+        return Prepared(p.feats * self.scale if query else p.feats, norms)
 
-    def locate(self, cand: Candidates, which: int = 0) -> Positions:
-        """Bins of the candidates' scores in matrix ``which``; exact search only where needed."""
-        rows, vals = cand.rows, cand.vals[which]
-        idx = self.bucket(rows, vals).add_(rows * self.n_buckets)
-        bins = self.table.index_select(0, idx)
-        exact = torch.nonzero(bins == self.dump).view(-1)
-        if not exact.numel():
-            return Positions(bins, exact, exact)
-        found = locate_exact(self.sp, rows[exact], cand.cols(exact), vals[exact])
-        bins[exact] = found.bin.to(bins.dtype)
-        return Positions(bins, exact[found.tie_idx], found.tie_bin)
+    def locate(
+        self,
+        s: torch.Tensor,
+        row0: int,
+        col_start: int,
+        mask: torch.Tensor,
+        lo: torch.Tensor | None = None,
+    ) -> TileItems:
+        """Bins of the items of a scaled (r, w) score tile (block rows ``row0:row0 + r``,
+        gallery items from ``col_start``) that reach a positive; items in buckets holding
+        positives get their row's bin 0 and are returned for :meth:`settle`.
 
-
-@dataclass(frozen=True)
-class Candidates:
-    """Items of one (query block × gallery chunk) that may reach a positive.
-
-    Shapes (n = items): rows, flat: (n,) int64 query row and row-major position in the chunk;
-    vals: one (n,) float32 score array per score matrix.
-    """
-
-    rows: torch.Tensor
-    flat: torch.Tensor
-    vals: list[torch.Tensor]
-    width: int
-    col_start: int
-
-    def cols(self, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Gallery indices of all items, or of ``idx`` only."""
-        flat, rows = (self.flat, self.rows) if idx is None else (self.flat[idx], self.rows[idx])
-        return flat - rows * self.width + self.col_start
-
-
-def chunk_candidates(
-    scores: Sequence[torch.Tensor], lo: torch.Tensor, col_start: int, mask: torch.Tensor
-) -> Candidates:
-    """Chunk items scoring >= their row's ``lo`` in any of ``scores``; the others reach no
-    positive and count for nothing.
-
-    ``mask`` is a bool buffer with at least as many elements as a score matrix. On CPU the
-    compaction runs in numpy, whose ``flatnonzero`` is several times faster than torch's.
-    """
-    shape = scores[0].shape
-    width = shape[1]
-    m = mask.view(-1)[: scores[0].numel()].view(shape)
-    if m.device.type == "cpu":
-        m_np, lo_np = m.numpy(), lo.numpy()[:, None]
-        np.greater_equal(scores[0].numpy(), lo_np, out=m_np)
-        for extra in scores[1:]:
-            m_np |= extra.numpy() >= lo_np
-        flat_np = np.flatnonzero(m_np)
-        rows = torch.from_numpy(flat_np // width)
-        flat = torch.from_numpy(flat_np)
-    else:
-        torch.ge(scores[0], lo[:, None], out=m)
-        for extra in scores[1:]:
-            m |= extra >= lo[:, None]
+        ``mask``: a bool buffer of at least ``s.numel()`` elements. ``lo``: (nb,) scaled
+        per-row thresholds at or above :attr:`lo`, when fewer positives matter; items below
+        are skipped.
+        """
+        lo = self.lo if lo is None else lo
+        if self._np and numpy_fast_path(s):
+            return self._locate_numpy(s, row0, col_start, mask, lo)
+        rows_sl = slice(row0, row0 + s.shape[0])
+        width = s.shape[1]
+        m = mask.view(-1)[: s.numel()].view(s.shape)
+        torch.ge(s, lo[rows_sl, None], out=m)
         flat = torch.nonzero(m.view(-1)).view(-1)
-        rows = torch.div(flat, width, rounding_mode="floor")
-    vals = [sc.view(-1).index_select(0, flat) for sc in scores]
-    return Candidates(rows, flat, vals, width, col_start)
+        bounds = torch.arange(s.shape[0] + 1, device=s.device) * width
+        counts = torch.diff(torch.searchsorted(flat, bounds))
+        vals = s.view(-1).index_select(0, flat)
+        idx = torch.clamp(vals, max=self.top).to(torch.int32)
+        idx += torch.repeat_interleave(self.off[rows_sl], counts)
+        bins = self.table.index_select(0, idx)
+        sel = torch.nonzero(bins < 0).view(-1)
+        bin_range = (self._bin0[row0], self._bin0[row0 + s.shape[0]])
+        shared = None
+        if sel.numel():
+            at = flat.index_select(0, sel)
+            rows = torch.div(at, width, rounding_mode="floor")
+            cols = at - rows * width + col_start
+            code = bins.index_select(0, sel)
+            shared = SharedItems(code, vals.index_select(0, sel), rows + row0, cols)
+            bins.index_fill_(0, sel, bin_range[0])
+        bins -= bin_range[0]
+        empty = sel[:0]
+        return TileItems(Positions(bins, empty, empty), flat, counts, shared, bin_range)
+
+    def _locate_numpy(
+        self, s: torch.Tensor, row0: int, col_start: int, mask: torch.Tensor, lo: torch.Tensor
+    ) -> TileItems:
+        """:meth:`locate` for CPU tensors, in numpy (fewer passes, less per-call overhead),
+        into work buffers kept between calls (fewer page faults)."""
+        r, width = s.shape
+        s_np = s.numpy()
+        m = mask.numpy()[: s.numel()].reshape(r, width)
+        np.greater_equal(s_np, lo.numpy()[row0 : row0 + r, None], out=m)
+        flat = np.flatnonzero(m)
+        n = flat.size
+        counts = np.diff(np.searchsorted(flat, self._np["row_bounds"][: r + 1] * width))
+        vals_buf, clamp_buf, idx_buf, bins_buf, neg_buf = self._work(n)
+        vals = np.take(s_np.reshape(-1), flat, out=vals_buf, mode="clip")  # in range
+        clamped = np.minimum(vals, self._np["top"], out=clamp_buf)
+        idx = idx_buf
+        np.copyto(idx, clamped, casting="unsafe")  # truncation, as astype
+        idx += np.repeat(self._np["off"][row0 : row0 + r], counts)
+        bins = torch.index_select(self.table, 0, torch.from_numpy(idx), out=bins_buf)
+        b = bins.numpy()
+        sel = np.flatnonzero(np.less(b, 0, out=neg_buf))
+        lo_bin, hi_bin = self._bin0[row0], self._bin0[row0 + r]
+        shared = None
+        if sel.size:
+            rows, cols = np.divmod(flat[sel], width)
+            rows += row0
+            cols += col_start
+            shared = SharedItems(*(torch.from_numpy(x) for x in (b[sel], vals[sel], rows, cols)))
+            b[sel] = lo_bin
+        b -= lo_bin
+        empty = torch.from_numpy(sel[:0])
+        return TileItems(
+            Positions(bins, empty, empty),
+            torch.from_numpy(flat),
+            torch.from_numpy(counts),
+            shared,
+            (lo_bin, hi_bin),
+        )
+
+    def _work(self, n: int) -> tuple[Any, ...]:
+        """Work buffers of ``n`` items for :meth:`_locate_numpy`."""
+        cpu, ws = torch.device("cpu"), self.workspace
+        return (
+            ws.take("vals", n, torch.float32, cpu).numpy(),
+            ws.take("clamped", n, torch.float32, cpu).numpy(),
+            ws.take("idx", n, torch.int32, cpu).numpy(),
+            ws.take("bins", n, torch.int32, cpu),
+            ws.take("negative", n, torch.bool, cpu).numpy(),
+        )
+
+    def settle(self, items: SharedItems, walk_order: torch.Tensor | None = None) -> Positions:
+        """Bins of the items set aside by :meth:`locate`: an item in a bucket with one positive
+        reaches it or not; with several positives, or tied with one, it is searched
+        (``walk_order``: gallery index at each walk position, for the tie order; default the
+        identity)."""
+        first = (-1 - items.code).to(torch.int64)
+        p = self.pos.index_select(0, first)
+        search = (self.bucket_end.index_select(0, first) - first > 1) | (items.vals == p)
+        found = first.add_(items.rows).add_(items.vals >= p)
+        todo = flat_nonzero(search)
+        if not todo.numel():
+            return Positions(found, todo, todo)
+        r = items.rows.index_select(0, todo)
+        cols = items.cols.index_select(0, todo)
+        if walk_order is not None:
+            cols = walk_order.index_select(0, cols)
+        exact = locate_exact(self.sp, r, cols, items.vals.index_select(0, todo) / self.scale)
+        found[todo] = exact.bin
+        return Positions(found, todo[exact.tie_idx], exact.tie_bin)
+
+
+def max_abs_score(*parts: Prepared) -> float:
+    """An upper bound on |score| for these prepared features (cosine: 1; l2: from the norms)."""
+    norms = [
+        float(p.sq_norms.max()) for p in parts if p.sq_norms is not None and p.sq_norms.numel()
+    ]
+    return 1.0 if not norms else 4.0 * sum(norms) + 1.0
+
+
+class KnownPairs:
+    """The pairs the walk skips (set to -inf in each tile): positive pairs, counted from their
+    canonical scores instead, and with ``exclude_self`` each query's own item.
+
+    The walk visits the gallery in segments (``starts``: first walk position of each); pairs
+    are keyed by (segment, block row).
+    """
+
+    def __init__(
+        self,
+        sp: SortedPositives,
+        qidx: torch.Tensor,
+        starts: Sequence[int],
+        *,
+        exclude_self: bool,
+        position: torch.Tensor | None = None,
+    ) -> None:
+        """``position``: walk position of each gallery index (default: the identity)."""
+        nb = sp.num_rows
+        rows, cols = sp.row, sp.col
+        if exclude_self:
+            rows = torch.cat([rows, torch.arange(nb, device=rows.device)])
+            cols = torch.cat([cols, qidx])
+        if position is not None:
+            cols = position[cols]
+        seg_starts = torch.tensor(list(starts), dtype=torch.int64, device=cols.device)
+        seg = torch.searchsorted(seg_starts, cols, right=True) - 1
+        key, order = torch.sort(seg * nb + rows)
+        self.key, self.rows, self.cols, self.nb = key, rows[order], cols[order], nb
+
+    def in_tiles(self, seg: int, tile_rows: int) -> list[int]:
+        """Bounds of the known pairs of each row tile (``tile_rows`` rows) of segment ``seg``:
+        tile t owns entries ``bounds[t]:bounds[t + 1]``."""
+        starts = [*range(0, self.nb, tile_rows), self.nb]
+        keys = torch.tensor([seg * self.nb + r for r in starts], device=self.key.device)
+        return torch.searchsorted(self.key, keys).tolist()
+
+    def skip(self, s: torch.Tensor, row0: int, col_start: int, a: int, b: int) -> None:
+        """-inf at the known pairs ``a:b`` (see :meth:`in_tiles`) in the tile ``s`` of block
+        rows from ``row0`` and walk positions from ``col_start``."""
+        if a < b:
+            flat = (self.rows[a:b] - row0) * s.shape[1] + (self.cols[a:b] - col_start)
+            s.view(-1).index_fill_(0, flat, -torch.inf)
 
 
 class Counter:
@@ -599,31 +834,49 @@ class Counter:
         self.rank_delta = torch.zeros(sp.num_bins, dtype=torch.int64, device=dev)
         self._ones = torch.ones(1 << 16, dtype=torch.int64, device=dev)
 
-    def add(self, pos: Positions) -> None:
+    def add(self, pos: Positions, bin_range: tuple[int, int] | None = None) -> None:
+        """Count items at their bins; with ``bin_range`` (lo, hi) the bins are relative to lo
+        (and below hi - lo), as :class:`TileItems` gives them."""
         n = pos.bin.numel()
         if self._ones.numel() < n:
             self._ones = torch.ones(
                 max(n, 2 * self._ones.numel()), dtype=torch.int64, device=pos.bin.device
             )
-        self.hist.index_add_(0, pos.bin, self._ones[:n])
+        if bin_range is None:
+            self.hist.index_add_(0, pos.bin, self._ones[:n])
+        elif n:
+            lo, hi = bin_range
+            self.hist[lo:hi] += torch.bincount(pos.bin, minlength=hi - lo)
         if pos.tie_idx.numel():
-            ones = torch.ones_like(pos.tie_bin)
-            self.rank_delta.index_add_(0, pos.bin[pos.tie_idx], -ones)
+            ones = self._ones[: pos.tie_idx.numel()]
+            self.rank_delta.index_add_(0, pos.bin[pos.tie_idx], ones, alpha=-1)
             self.rank_delta.index_add_(0, pos.tie_bin, ones)
 
     def finish(self) -> PositiveRanks:
         return ranks_from_histograms(self.sp, self.hist, self.hist + self.rank_delta)
 
 
-def reverse_segment_counts(sp: SortedPositives, hist: torch.Tensor) -> torch.Tensor:
-    """For each sorted positive g of row r: Σ of ``hist`` over the bins after g's in its row,
-    i.e. the items reaching beyond it. ``hist``: (..., num_bins), summed over the last axis."""
-    tail = torch.flip(torch.cumsum(torch.flip(hist, [-1]), -1), [-1])
-    tail = torch.cat([tail, tail.new_zeros((*tail.shape[:-1], 1))], dim=-1)
-    nb = sp.num_rows
-    seg_end = sp.offsets[1:] + torch.arange(1, nb + 1, device=hist.device)  # next row's bin 0
-    g = torch.arange(sp.row.numel(), device=hist.device)
-    return tail[..., g + sp.row + 1] - tail[..., seg_end[sp.row]]
+def tail_counts(
+    sp: SortedPositives,
+    hist: torch.Tensor,
+    at: torch.Tensor | None = None,
+    bin_end: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """For each sorted positive g (or each of ``at``) of row r: Σ of ``hist`` over the bins
+    after g's in its row, i.e. the items reaching beyond it. ``bin_end``: the end of each
+    one's row bins (the next row's bin 0), when already known.
+
+    Shapes:
+        hist: (num_bins,).  at, bin_end: (n,).  returns: (P,) or (n,) int64.
+    """
+    cum = torch.empty(hist.numel() + 1, dtype=torch.int64, device=hist.device)
+    cum[0] = 0
+    torch.cumsum(hist, 0, dtype=torch.int64, out=cum[1:])
+    g = torch.arange(sp.row.numel(), device=hist.device) if at is None else at
+    row = sp.row.index_select(0, g)
+    if bin_end is None:
+        bin_end = sp.offsets.index_select(0, row + 1) + row + 1
+    return cum.index_select(0, bin_end) - cum.index_select(0, g + row + 1)
 
 
 def best_first_order(sp: SortedPositives) -> torch.Tensor:
@@ -639,46 +892,59 @@ def ranks_from_histograms(
     sp: SortedPositives, hist_ge: torch.Tensor, hist_rank: torch.Tensor
 ) -> PositiveRanks:
     """Per-positive counts (best first) from the accumulated item histograms."""
-    n_ge = reverse_segment_counts(sp, hist_ge)
-    rank = reverse_segment_counts(sp, hist_rank)
+    n_ge = tail_counts(sp, hist_ge)
+    rank = tail_counts(sp, hist_rank)
     tp_ge = sp.offsets[1:][sp.row] - sp.group_start
     order = best_first_order(sp)
     return PositiveRanks(sp.offsets, rank[order], n_ge[order], tp_ge[order])
 
 
-def overwrite_positive_scores(
-    s: torch.Tensor, sp: SortedPositives, g_sl: slice, qidx: torch.Tensor, exclude_self: bool
-) -> None:
-    """Put the canonical positive scores into a chunk's score block and drop self-matches."""
-    inside = sp.in_chunk(g_sl.start, g_sl.stop)
-    s[sp.row[inside], sp.col[inside] - g_sl.start] = sp.score[inside]
-    if exclude_self:
-        own = torch.nonzero((qidx >= g_sl.start) & (qidx < g_sl.stop))[:, 0]
-        s[own, qidx[own] - g_sl.start] = -torch.inf
-
-
 def walk_block(
     qb: Prepared,
     gp: Prepared,
+    gp_by_class: Prepared,
     block: QueryBlock,
     *,
     exclude_self: bool,
     chunk_size: int,
+    workspace: Workspace | None = None,
 ) -> PositiveRanks:
-    """Count, for every positive of a query block, the gallery items above it (one walk)."""
+    """Count, for every positive of a query block, the gallery items above it (one walk).
+    ``gp_by_class``: the gallery in class order (see :func:`by_class`); ``workspace``: buffers
+    shared with the other blocks' walks."""
     ng = gp.feats.shape[0]
-    score = positive_scores(qb, gp, block, chunk_size)
+    score = positive_scores(qb, gp_by_class, block)
     sp = SortedPositives.build(block.offsets, block.pos_row, block.pos_col, score)
-    table = BucketTable(sp)
     counter = Counter(sp)
-    buf = torch.empty(block.qidx.numel(), min(chunk_size, ng), device=qb.feats.device)
-    mask = torch.empty(buf.shape, dtype=torch.bool, device=buf.device)
-    for g_sl in blocks(ng, chunk_size):
-        s = score_block(qb, gp, slice(None), g_sl, out=buf)
-        overwrite_positive_scores(s, sp, g_sl, block.qidx, exclude_self)
-        cand = chunk_candidates([s], sp.lo, g_sl.start, mask)
-        if cand.rows.numel():
-            counter.add(table.locate(cand))
+    if not score.numel():
+        return counter.finish()
+    counter.add(sp.self_positions())
+    ws = Workspace() if workspace is None else workspace
+    grid = BucketGrid(
+        sp,
+        score_bound=max_abs_score(qb, gp),
+        buckets_per_row=DEFAULT_BUCKETS_PER_ROW,
+        workspace=ws,
+    )
+    starts = list(range(0, ng, chunk_size))
+    known = KnownPairs(sp, block.qidx, starts, exclude_self=exclude_self)
+    qs, gs = grid.scaled(qb, query=True), grid.scaled(gp, query=False)
+    nb, dev = block.qidx.numel(), qb.feats.device
+    buf = ws.take("scores", min(GEMM_ROWS, nb) * min(chunk_size, ng), torch.float32, dev)
+    mask = ws.take("mask", min(TILE_ROWS, nb) * min(chunk_size, ng), torch.bool, dev)
+    shared = []
+    for seg, g_sl in enumerate(blocks(ng, chunk_size)):
+        bounds = known.in_tiles(seg, GEMM_ROWS)
+        for t, gr_sl in enumerate(blocks(nb, GEMM_ROWS)):
+            sg = score_block(qs, gs, gr_sl, g_sl, out=buf)
+            known.skip(sg, gr_sl.start, g_sl.start, bounds[t], bounds[t + 1])
+            for r_sl in blocks(gr_sl.stop - gr_sl.start, TILE_ROWS):
+                items = grid.locate(sg[r_sl], gr_sl.start + r_sl.start, g_sl.start, mask)
+                counter.add(items.positions, items.bin_range)
+                if items.shared is not None:
+                    shared.append(items.shared)
+    if shared:
+        counter.add(grid.settle(SharedItems.cat(shared)))
     return counter.finish()
 
 
@@ -734,6 +1000,8 @@ def iter_positive_ranks(
     max_positives: int = DEFAULT_BLOCK_POSITIVES,
 ) -> Iterator[tuple[torch.Tensor, PositiveRanks]]:
     """Yield (original query indices, their :class:`PositiveRanks`) block by block."""
+    gp_by_class = by_class(inputs.gallery, inputs.index)
+    workspace = Workspace()
     for block in plan_query_blocks(
         inputs.query_labels,
         inputs.index,
@@ -745,10 +1013,16 @@ def iter_positive_ranks(
             inputs.query.feats[block.qidx],
             None if inputs.query.sq_norms is None else inputs.query.sq_norms[block.qidx],
         )
-        yield (
-            block.qidx,
-            walk_block(qb, inputs.gallery, block, exclude_self=exclude_self, chunk_size=chunk_size),
+        ranks = walk_block(
+            qb,
+            inputs.gallery,
+            gp_by_class,
+            block,
+            exclude_self=exclude_self,
+            chunk_size=chunk_size,
+            workspace=workspace,
         )
+        yield block.qidx, ranks
 
 
 def per_query_metrics(

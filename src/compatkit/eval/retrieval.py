@@ -22,6 +22,18 @@ DISTANCES: tuple[str, ...] = ("cosine", "l2")
 #: Queries scored at once; with ``chunk_size`` this bounds the score block in memory.
 DEFAULT_QUERY_BLOCK = 2048
 
+#: Queries scored at once by :func:`knn` for k = 1 (at most ``query_block``).
+TOP1_QUERY_BLOCK = 512
+
+#: CPU tensors take numpy for the steps where it is much faster than torch (compaction,
+#: argmax, run-length repeats); other devices, or False here, take the torch path.
+NUMPY_ON_CPU = True
+
+
+def numpy_fast_path(t: torch.Tensor) -> bool:
+    """Whether ``t``'s work runs in numpy (a CPU tensor and :data:`NUMPY_ON_CPU`)."""
+    return NUMPY_ON_CPU and t.device.type == "cpu"
+
 
 class KnnResult(NamedTuple):
     """Top-k neighbours per query, best first.
@@ -239,6 +251,15 @@ def blocks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
+def _row_max(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best score of each row and its first (lowest) column; numpy's argmax on CPU."""
+    if numpy_fast_path(s):
+        idx = torch.from_numpy(s.numpy().argmax(axis=1))
+        return s.gather(1, idx[:, None])[:, 0], idx
+    vals, idx = torch.max(s, dim=1)  # documented: the first maximal index
+    return vals, idx
+
+
 def _topk_lowest_index(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k per row where ties at the k-th value go to the lowest column; sorted best first."""
     if k >= s.shape[1]:
@@ -313,16 +334,27 @@ def knn(
     qp, gp = prepare(q, distance, "query"), prepare(g, distance, "gallery")
     out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
     out_idx = np.full((nq, k), -1, dtype=np.int64)
+    if k == 1:  # a running best per row: shorter blocks keep the GEMM output in cache
+        query_block = min(query_block, TOP1_QUERY_BLOCK)
+    buf = torch.empty(min(query_block, nq) * min(chunk_size, ng), device=dev)
     for q_sl in blocks(nq, query_block):
         nb = q_sl.stop - q_sl.start
-        best_s = torch.full((nb, 0), -torch.inf, device=dev)
-        best_i = torch.empty((nb, 0), dtype=torch.int64, device=dev)
+        # k = 1 keeps a running best (a later chunk wins only with a strictly higher score)
+        kept = 1 if k == 1 else 0
+        best_s = torch.full((nb, kept), -torch.inf, device=dev)
+        best_i = torch.full((nb, kept), -1, dtype=torch.int64, device=dev)
         for g_sl in blocks(ng, chunk_size):
-            s = score_block(qp, gp, q_sl, g_sl)
+            s = score_block(qp, gp, q_sl, g_sl, out=buf)
             if exclude_self:
                 rows = torch.arange(q_sl.start, q_sl.stop, device=dev)
                 hit = (rows >= g_sl.start) & (rows < g_sl.stop)
                 s[torch.nonzero(hit)[:, 0], rows[hit] - g_sl.start] = -torch.inf
+            if k == 1:
+                cs, ci = _row_max(s)
+                better = cs > best_s[:, 0]
+                best_s[better, 0] = cs[better]
+                best_i[better, 0] = ci[better] + g_sl.start
+                continue
             cs, ci = _topk_lowest_index(s, k)
             # the running results hold lower indices than this chunk, so a stable sort keeps
             # tied scores in index order

@@ -1,32 +1,61 @@
-"""FAISS search over one group of vectors (one version space, one origin) with cheap updates.
+"""Search backends: where a collection's current vectors are searched, one group per
+(version space, origin).
 
 Vectors are L2-normalised and scored by inner product, so every score is a cosine similarity.
-FAISS ids are slot numbers; a removed item only clears its slot's bit in a bitmap that every
-search passes as an ``IDSelectorBitmap``, and the index is rebuilt once dead slots dominate.
-Kinds: ``flat`` (exact, the default), ``ivf`` (``IndexIVFFlat``, exact below
-``ivf_min_size`` vectors) and ``hnsw`` (``IndexHNSWFlat``).
+Engines (``BackendOptions.engine``):
+
+- ``faiss`` (default, in-process): ``VectorGroup``. FAISS ids are slot numbers; a removed item
+  only clears its slot's bit in a bitmap that every search passes as an ``IDSelectorBitmap``,
+  and the index is rebuilt once dead slots dominate. Kinds: ``flat`` (exact, the default),
+  ``ivf`` (``IndexIVFFlat``, exact below ``ivf_min_size`` vectors, k-means trained on at most
+  ``IVF_TRAIN_PER_LIST`` points per list) and ``hnsw`` (``IndexHNSWFlat``).
+- ``qdrant``: ``compatkit.index.qdrant_backend`` (one Qdrant collection per compatkit
+  collection, a named vector per model version, the item's id and metadata as payload).
+
+A backend only mirrors the store (``compatkit.index.search.SearchCache`` feeds it), so it never
+holds state the database does not.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Literal, NamedTuple
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 import faiss
 import numpy as np
+
+from compatkit.registry import Registry
+
+if TYPE_CHECKING:
+    from compatkit.index.store import IndexStore
 
 logger = logging.getLogger(__name__)
 
 IndexKind = Literal["flat", "ivf", "hnsw"]
 INDEX_KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw")
+Engine = Literal["faiss", "qdrant"]
+#: (version whose space the vectors are in, version they were transformed from or None).
+GroupKey = tuple[str, str | None]
+#: IVF k-means sees at most this many (seeded, sampled) training points per list.
+IVF_TRAIN_PER_LIST = 64
+_IVF_SAMPLE_SEED = 0
 
 
 class BackendOptions(NamedTuple):
-    """Search-structure parameters of a collection.
+    """Search-structure parameters of a collection (stored with it as JSON).
 
+    kind: ``flat`` (exact), ``ivf`` or ``hnsw``.
     ivf_min_size: below this many vectors an ``ivf`` group searches exactly.
-    nprobe: IVF lists visited per query. hnsw_m / ef_search / ef_construction: HNSW graph.
+    nprobe: IVF lists visited per query. nlist: IVF lists; None derives ``4·√n`` (at most
+        ``n/39``) when the group is built.
+    hnsw_m / ef_search / ef_construction: HNSW graph degree and beam widths.
+    engine: ``faiss`` (in-process) or ``qdrant``.
+    location: Qdrant only: ``":memory:"``, a folder for qdrant-client's local mode (relative
+        paths live inside the store folder), or an ``http(s)://`` URL of a Qdrant server or
+        cluster (API key from ``$QDRANT_API_KEY``).
+    namespace: Qdrant only: the prefix of the Qdrant collection names (``<namespace>-<name>``).
     """
 
     kind: IndexKind = "flat"
@@ -35,6 +64,10 @@ class BackendOptions(NamedTuple):
     hnsw_m: int = 32
     ef_search: int = 128
     ef_construction: int = 80
+    nlist: int | None = None
+    engine: Engine = "faiss"
+    location: str | None = None
+    namespace: str = "compatkit"
 
 
 class GroupHits(NamedTuple):
@@ -42,6 +75,46 @@ class GroupHits(NamedTuple):
 
     scores: np.ndarray
     keys: np.ndarray
+
+
+class GroupIndex(Protocol):
+    """The search structure of one group, addressable by item key (``VectorGroup``, Qdrant).
+
+    Shapes: add keys (n,) int64 + vectors (n, dim) float32 L2-normalised; search queries
+    (nq, dim) L2-normalised -> GroupHits (nq, k).
+    """
+
+    dim: int
+
+    def __len__(self) -> int: ...
+
+    @property
+    def structure(self) -> str: ...
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None: ...
+
+    def remove(self, keys: np.ndarray) -> None: ...
+
+    def search(self, queries: np.ndarray, k: int) -> GroupHits: ...
+
+    def vectors_of(self, keys: np.ndarray) -> np.ndarray: ...
+
+
+class SearchBackend(Protocol):
+    """The search structures of one collection: a fresh start, then one ``GroupIndex`` per group.
+
+    ``reset(dims)`` drops everything and prepares for the model versions in ``dims`` (name ->
+    dimension); ``group`` makes an empty group; ``close`` releases what the backend holds;
+    ``drop`` deletes what it stored outside the process (the collection was dropped).
+    """
+
+    def reset(self, dims: Mapping[str, int]) -> None: ...
+
+    def group(self, key: GroupKey, dim: int) -> GroupIndex: ...
+
+    def close(self) -> None: ...
+
+    def drop(self) -> None: ...
 
 
 class VectorGroup:
@@ -61,6 +134,8 @@ class VectorGroup:
         self.options = options or BackendOptions()
         if self.options.kind not in INDEX_KINDS:
             raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {self.options.kind!r}")
+        if self.options.nlist is not None and self.options.nlist < 1:
+            raise ValueError(f"nlist must be a positive integer or None, got {self.options.nlist}")
         self._vectors = np.zeros((0, dim), dtype=np.float32)
         self._keys = np.zeros(0, dtype=np.int64)
         self._alive = np.zeros(0, dtype=bool)
@@ -181,16 +256,110 @@ class VectorGroup:
             self._index.add(vectors)
         logger.debug("rebuilt %s group of %d vectors", self._structure, n)
 
-    def _new_index(self, train: np.ndarray) -> faiss.Index:
+    def _new_index(self, vectors: np.ndarray) -> faiss.Index:
         opts = self.options
         if self._structure == "ivf":
-            nlist = int(min(max(1, 4 * math.sqrt(len(train))), max(1, len(train) // 39)))
+            n = len(vectors)
+            nlist = ivf_nlist(n, opts.nlist)
             quantizer = faiss.IndexFlatIP(self.dim)
             index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(train)  # the Python wrapper keeps ``quantizer`` referenced
+            if n > IVF_TRAIN_PER_LIST * nlist:  # k-means on a seeded sample, not on every vector
+                rng = np.random.default_rng(_IVF_SAMPLE_SEED)
+                sample = np.sort(rng.choice(n, IVF_TRAIN_PER_LIST * nlist, replace=False))
+                vectors = vectors[sample]
+            index.train(vectors)  # the Python wrapper keeps ``quantizer`` referenced
             return index
         if self._structure == "hnsw":
             index = faiss.IndexHNSWFlat(self.dim, opts.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = opts.ef_construction
             return index
         return faiss.IndexFlatIP(self.dim)
+
+
+def ivf_nlist(n: int, nlist: int | None = None) -> int:
+    """IVF lists for ``n`` vectors: ``nlist`` if given, else ``4·√n`` capped at ``n/39`` (FAISS
+    wants 39 training points per list), at least 1, and never more lists than vectors."""
+    if nlist is None:
+        nlist = int(min(max(1, 4 * math.sqrt(n)), max(1, n // 39)))
+    return max(1, min(int(nlist), n))
+
+
+# ---------------------------------------------------------------------- engines
+
+#: engine name -> factory ``(store, collection, options) -> SearchBackend``.
+ENGINES: Registry = Registry("search engine")
+
+
+class FaissBackend:
+    """In-process FAISS groups (``VectorGroup``); nothing outlives the process."""
+
+    def __init__(self, options: BackendOptions) -> None:
+        self.options = options
+
+    def reset(self, dims: Mapping[str, int]) -> None:
+        """Nothing to drop: the old groups are garbage once the cache forgets them."""
+
+    def group(self, key: GroupKey, dim: int) -> VectorGroup:
+        """An empty FAISS group of dimension ``dim``."""
+        return VectorGroup(dim, self.options)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def drop(self) -> None:
+        """Nothing is stored outside the process."""
+
+
+@ENGINES.register("faiss")
+def _faiss_engine(store: IndexStore | None, collection: str,
+                  options: BackendOptions) -> SearchBackend:
+    """FAISS in-process (flat, ivf, hnsw)."""
+    return FaissBackend(options)
+
+
+@ENGINES.register("qdrant")
+def _qdrant_engine(store: IndexStore | None, collection: str,
+                   options: BackendOptions) -> SearchBackend:
+    """Qdrant (local mode or a server/cluster): one collection per compatkit collection."""
+    from compatkit.index.qdrant_backend import QdrantBackend
+
+    return QdrantBackend.open(store, collection, options)
+
+
+def check_options(options: BackendOptions) -> BackendOptions:
+    """``options`` if they name a known engine and a kind and location that engine takes.
+
+    Raises:
+        ValueError: an unknown engine or kind, a bad parameter, or a Qdrant collection without
+            a location or with the ``ivf`` kind (Qdrant indexes with HNSW or searches exactly).
+    """
+    if options.engine not in ENGINES:
+        raise ValueError(ENGINES.unknown_message(str(options.engine)))
+    if options.kind not in INDEX_KINDS:
+        raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {options.kind!r}")
+    for name in ("ivf_min_size", "nprobe", "hnsw_m", "ef_search", "ef_construction"):
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if options.nlist is not None and (isinstance(options.nlist, bool) or options.nlist < 1):
+        raise ValueError(f"nlist must be a positive integer or None, got {options.nlist!r}")
+    if options.engine == "qdrant":
+        if options.kind == "ivf":
+            raise ValueError("the qdrant engine has no IVF index; use kind 'hnsw' or 'flat'")
+        if not options.location:
+            raise ValueError("the qdrant engine needs a location: ':memory:', a folder for "
+                             "local mode, or an http(s):// URL")
+    elif options.location is not None:
+        raise ValueError(f"location applies to the qdrant engine, not {options.engine!r}")
+    return options
+
+
+def open_backend(store: IndexStore | None, collection: str,
+                 options: BackendOptions) -> SearchBackend:
+    """The search backend of ``collection`` for ``options.engine`` (checked first).
+
+    ``store`` gives Qdrant the folder for relative local paths and the items' payloads; None
+    (tests, benchmarks) means no payload beyond the item key.
+    """
+    check_options(options)
+    return ENGINES.get(options.engine)(store, collection, options)

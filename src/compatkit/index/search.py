@@ -1,6 +1,7 @@
-"""Search over a whole collection: one FAISS group per (version space, origin), merged top-k.
+"""Search over a whole collection: one group per (version space, origin), merged top-k.
 
-A ``SearchCache`` mirrors the ``current`` vectors of one collection into ``VectorGroup``s. It
+A ``SearchCache`` mirrors the ``current`` vectors of one collection into the groups of its
+search backend (``compatkit.index.backends``: FAISS ``VectorGroup``s, or Qdrant). It
 replays the store's ``changes`` log before every search (or rebuilds after a whole-collection
 rewrite), so a search sees every write committed before it started, whichever process wrote it.
 """
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from compatkit.index.backends import BackendOptions, VectorGroup
+from compatkit.index.backends import BackendOptions, GroupIndex, SearchBackend, open_backend
 from compatkit.index.store import _relations, _require_collection, _version_map, last_change
 from compatkit.index.vectors import l2_normalize, stack_blobs
 from compatkit.index.versions import Relation, Route, VersionInfo, find_route
@@ -119,7 +120,8 @@ class SearchCache:
     def __init__(self, store: IndexStore, name: str) -> None:
         self.store, self.name = store, name
         self._lock = _ReadWriteLock()
-        self._groups: dict[GroupKey, VectorGroup] = {}
+        self._groups: dict[GroupKey, GroupIndex] = {}
+        self._backend: SearchBackend | None = None
         self._where: dict[int, GroupKey] = {}
         self._epoch: int | None = None
         self._options: BackendOptions | None = None
@@ -202,6 +204,10 @@ class SearchCache:
             (self.name,)).fetchall()
         self._groups, self._where = {}, {}
         self._options = options
+        if self._backend is not None:
+            self._backend.close()
+        self._backend = open_backend(self.store, self.name, options)
+        self._backend.reset({v.name: v.dim for v in versions.values() if v.kind == "model"})
         self._add_rows(rows, versions)
         logger.info("search cache of %r rebuilt: %d vectors in %d groups", self.name,
                     len(rows), len(self._groups))
@@ -239,7 +245,9 @@ class SearchCache:
             dim = versions[gkey[0]].dim
             group = self._groups.get(gkey)
             if group is None:
-                group = self._groups[gkey] = VectorGroup(dim, self._options)
+                if self._backend is None:
+                    raise RuntimeError(f"search cache of {self.name!r} has no backend yet")
+                group = self._groups[gkey] = self._backend.group(gkey, dim)
             group.add(np.asarray(keys, dtype=np.int64), l2_normalize(stack_blobs(blobs, dim)))
             self._where.update(dict.fromkeys(keys, gkey))
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from compatkit.errors import CompatkitError, UnknownNameError
-from compatkit.index.backends import INDEX_KINDS, BackendOptions
+from compatkit.index.backends import INDEX_KINDS, BackendOptions, check_options
 from compatkit.index.embedders import ArtifactTransform, Embedder, embedder_from_spec
 from compatkit.index.errors import StateConflictError
 from compatkit.index.versions import (
@@ -453,6 +453,7 @@ class IndexStore:
         if options.kind not in INDEX_KINDS:
             raise ValueError(f"index must be one of {', '.join(INDEX_KINDS)}, got "
                              f"{options.kind!r}")
+        check_options(options)  # engine, parameters, Qdrant location
         with self.write() as con:
             info = _require_version(con, version)
             if info.kind != "model":

@@ -407,18 +407,19 @@ def compute_batch(store: IndexStore, batch: Batch) -> BatchVectors:
 def run_backfill(
     store: IndexStore, job_id: int, *, worker: str = "local", stop: threading.Event | None = None,
     max_batches: int | None = None, poll_s: float = 0.2,
-    on_batch: Callable[[UpgradeStatus], None] | None = None,
+    on_batch: Callable[[UpgradeStatus], None] | None = None, lease_s: float = DEFAULT_LEASE_S,
 ) -> UpgradeStatus:
     """Claim, compute and commit batches until the job completes, pauses or ``stop`` is set.
 
     Returns the job's status when it stops. Batches claimed by other live workers are waited
-    for (polling every ``poll_s`` seconds) so that the phase can complete.
+    for (polling every ``poll_s`` seconds) so that the phase can complete; a claim older than
+    ``lease_s`` seconds is taken over (its worker is presumed dead).
     """
     count = 0
     while not (stop is not None and stop.is_set()):
         if max_batches is not None and count >= max_batches:
             break
-        batch = claim_batch(store, job_id, worker=worker)
+        batch = claim_batch(store, job_id, worker=worker, lease_s=lease_s)
         if batch is None:
             status = job_status(store, job_id)
             if status.state != "running" or not _others_pending(store, job_id, worker):
