@@ -16,6 +16,7 @@ from compatkit.eval.backfill import (
 )
 from compatkit.eval.flips import flip_rates, top_k_correct
 from compatkit.eval.metrics import retrieval_metrics
+from compatkit.eval.testing import tied_features
 
 Q = np.array([[1.0, 0.0]], np.float32)
 OLD = np.array([[0.8, 0.6], [0.0, 1.0]], np.float32)
@@ -55,10 +56,7 @@ def random_problem(seed, *, exclude_self=False, ties=False, ints=False):
     ng, d = int(rng.integers(5, 45)), int(rng.integers(1, 5))
 
     def feats(n):
-        x = rng.integers(-2, 3, (n, d)) if ints else rng.normal(size=(n, d))
-        x = x.astype(np.float32)
-        x[np.abs(x).sum(1) == 0, 0] = 1
-        return x
+        return tied_features(rng, n, d) if ints else rng.normal(size=(n, d)).astype(np.float32)
 
     go, gn = feats(ng), feats(ng)
     if ties:

@@ -10,7 +10,11 @@ from compatkit.errors import UnknownNameError
 from compatkit.eval import metrics, retrieval
 from compatkit.eval.metrics import METRICS, parse_metric, per_query_metrics, retrieval_metrics
 from compatkit.eval.retrieval import knn, pairwise_scores
-from compatkit.eval.testing import reference_metrics, sklearn_style_average_precision
+from compatkit.eval.testing import (
+    reference_metrics,
+    sklearn_style_average_precision,
+    tied_features,
+)
 
 
 def from_scores(scores):
@@ -199,10 +203,7 @@ def test_chunked_equals_dense(seed, chunk_size, query_block, distance, exclude_s
     nq = ng if exclude_self else int(rng.integers(1, 30))
 
     def feats(n):
-        x = rng.integers(-2, 3, (n, d)) if ints else rng.normal(size=(n, d))
-        x = x.astype(np.float32)
-        x[np.abs(x).sum(1) == 0, 0] = 1
-        return x
+        return tied_features(rng, n, d) if ints else rng.normal(size=(n, d)).astype(np.float32)
 
     g, gl = feats(ng), rng.integers(0, 4, ng)
     q, ql = (g, gl) if exclude_self else (feats(nq), rng.integers(0, 4, nq))
@@ -292,12 +293,9 @@ def test_tiny_tiles_and_few_buckets_still_equal_dense(
     monkeypatch.setattr(metrics, "GEMM_ROWS", 7)
     monkeypatch.setattr(metrics, "DEFAULT_BUCKETS_PER_ROW", 2)
     rng = np.random.default_rng(4)
-    g = rng.integers(-2, 3, (70, 4)).astype(np.float32)
-    g[np.abs(g).sum(1) == 0, 0] = 1
+    g = tied_features(rng, 70, 4)
     gl = rng.integers(0, 5, 70)
-    q, ql = (g, gl) if exclude_self else (g[:29] + rng.integers(-1, 2, (29, 4)), gl[:29])
-    q = np.asarray(q, dtype=np.float32)
-    q[np.abs(q).sum(1) == 0, 0] = 1
+    q, ql = (g, gl) if exclude_self else (tied_features(rng, 29, 4), gl[:29])
     want = reference_metrics(
         q, ql, g, gl, metrics=ALL, distance=distance, exclude_self=exclude_self, per_query=True
     )

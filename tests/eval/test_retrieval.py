@@ -11,7 +11,7 @@ from compatkit.eval.retrieval import (
     knn,
     pairwise_scores,
 )
-from compatkit.eval.testing import check_ref_knn_with_ties
+from compatkit.eval.testing import check_ref_knn_with_ties, tied_features
 
 
 def brute_knn(q, g, k, distance="l2", exclude_self=False):
@@ -26,11 +26,7 @@ def brute_knn(q, g, k, distance="l2", exclude_self=False):
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 def test_knn_equals_brute_force_with_ties_to_lower_index(chunk_size, distance):
     rng = np.random.default_rng(0)
-    # small integer coordinates: many exact ties
-    q = rng.integers(-2, 3, (30, 4)).astype(np.float32)
-    g = rng.integers(-2, 3, (90, 4)).astype(np.float32)
-    q[np.abs(q).sum(1) == 0, 0] = 1
-    g[np.abs(g).sum(1) == 0, 0] = 1
+    q, g = tied_features(rng, 30, 4), tied_features(rng, 90, 4)  # many exact ties
     res = knn(q, g, 10, distance=distance, chunk_size=chunk_size, query_block=8)
     ref_s, ref_i = brute_knn(q, g, 10, distance)
     assert res.indices.dtype == np.int64 and res.scores.dtype == np.float32

@@ -137,3 +137,21 @@ def check_ref_knn_with_ties(
                     f"row {i}: neighbours differ at ranks {a}..{b - 1}: "
                     f"{ref_indices[i].tolist()} vs {new_indices[i].tolist()}"
                 )
+
+
+def tied_features(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """Features with many exactly tied scores under both distances, whatever the GEMM kernel.
+
+    Each row has 1 or 4 non-zero entries of one magnitude (1 or 2) and random signs, so every
+    norm is a power of two: normalised coordinates, dot products and squared distances are all
+    exact in float32, and ties do not depend on the BLAS kernel's summation order.
+
+    Shapes:
+        returns: (n, d) float32.
+    """
+    x = np.zeros((n, d), dtype=np.float32)
+    for row in x:
+        count = 4 if d >= 4 and rng.random() < 0.5 else 1
+        cols = rng.choice(d, size=count, replace=False)
+        row[cols] = rng.choice([-1.0, 1.0], size=count) * rng.choice([1.0, 2.0])
+    return x
