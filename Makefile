@@ -37,9 +37,15 @@ test: $(STAMP_DEV)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
+# speed benchmarks (tables on stdout; docs/RESULTS.md has the measured numbers);
+# benchmarks/methods.py and benchmarks/hot_refresh.py train models and are run by hand
 bench: $(STAMP_DEV)
 	$(BIN)/python benchmarks/eval_engine.py
+	$(BIN)/python benchmarks/backfill_curve.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/backfill_throughput.py
+	$(BIN)/python benchmarks/ann_recall.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

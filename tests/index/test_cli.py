@@ -80,3 +80,60 @@ def test_serve_refuses_a_weak_token(tmp_path):
     with pytest.raises(CompatkitError, match="admin_token must be at least 16 characters"):
         runner.invoke(app, ["serve", "--store", str(tmp_path), "--token", "short"],
                       catch_exceptions=False)
+
+
+def _hash_collection(tmp_path, *create_args: str) -> list[str]:
+    store = ["--store", str(tmp_path / "st")]
+    run("version", "vA", "--dim", "4", "--hash-seed", "0", *store)
+    run("version", "vB", "--dim", "4", "--hash-seed", "1", *store)
+    run("create", "c", "--version", "vA", *create_args, *store)
+    items = tmp_path / "items.jsonl"
+    items.write_text("\n".join(json.dumps({"id": f"i{i}", "source": f"s{i}"}) for i in range(9)))
+    run("add", "c", "--jsonl", str(items), *store)
+    return store
+
+
+def test_create_on_qdrant_local_mode_then_drop_removes_its_collections(tmp_path):
+    from qdrant_client import QdrantClient
+
+    from compatkit.index import IndexStore
+    from compatkit.index.qdrant_backend import close_clients
+
+    store = _hash_collection(tmp_path, "--engine", "qdrant", "--qdrant-location", "qd",
+                             "--index", "hnsw", "--hnsw-m", "8", "--namespace", "t")
+    probe = HashEmbedder("vA", 4, seed=0).embed_sources(["s4"])[0].tolist()
+    out = json.loads(run("search", "c", "--vector", json.dumps(probe), "-k", "1", *store,
+                         "--json"))
+    assert out["hits"][0]["id"] == "i4"
+    st = IndexStore(tmp_path / "st")
+    assert st.collection("c").stats().items == 9
+    st.drop_collection("c")
+    st.close()
+    close_clients()
+    client = QdrantClient(path=str(tmp_path / "st" / "qd"))
+    assert client.get_collections().collections == []
+    assert client.get_aliases().aliases == []
+    client.close()
+
+
+def test_create_rejects_bad_engine_options(tmp_path):
+    run("version", "vA", "--dim", "4", "--store", str(tmp_path / "st"))
+    with pytest.raises(ValueError, match="qdrant engine needs a location"):
+        runner.invoke(app, ["index", "create", "c", "--version", "vA", "--engine", "qdrant",
+                            "--store", str(tmp_path / "st")], catch_exceptions=False)
+    with pytest.raises(ValueError, match="nprobe must be a positive integer"):
+        runner.invoke(app, ["index", "create", "c", "--version", "vA", "--nprobe", "0",
+                            "--store", str(tmp_path / "st")], catch_exceptions=False)
+
+
+def test_work_on_two_torchrun_workers(tmp_path):
+    store = _hash_collection(tmp_path)
+    run("upgrade", "c", "--to", "vB", "--strategy", "cold", "--batch-size", "2", "--no-run",
+        *store)
+    with pytest.raises(CompatkitError, match="local engine runs 1 worker"):
+        runner.invoke(app, ["index", "work", "c", "--workers", "2", *store],
+                      catch_exceptions=False)
+    done = json.loads(run("work", "c", "--engine", "torchrun", "--workers", "2", "--device",
+                          "cpu", *store, "--json"))
+    assert (done["state"], done["done"], done["total"]) == ("completed", 9, 9)
+    assert json.loads(run("status", "c", *store, "--json"))["collection"]["current"] == {"vB": 9}

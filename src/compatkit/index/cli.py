@@ -113,15 +113,29 @@ def create(
     version: Annotated[str | None, typer.Option(help="serving version (registered)")] = None,
     artifact: Annotated[Path | None, typer.Option(help="register this model and serve it")] = None,
     index: Annotated[str, typer.Option(help="flat | ivf | hnsw")] = "flat",
+    engine: Annotated[str, typer.Option(help="faiss (in-process) | qdrant")] = "faiss",
+    qdrant_location: Annotated[str | None, typer.Option(
+        help="qdrant: ':memory:', a local-mode folder, or an http(s):// URL")] = None,
+    namespace: Annotated[str, typer.Option(help="qdrant collection name prefix")] = "compatkit",
+    nlist: Annotated[int | None, typer.Option(help="IVF lists (default 4·√n)")] = None,
+    nprobe: Annotated[int, typer.Option(help="IVF lists visited per query")] = 16,
+    hnsw_m: Annotated[int, typer.Option(help="HNSW graph degree")] = 32,
+    ef_search: Annotated[int, typer.Option(help="HNSW search beam")] = 128,
+    ef_construction: Annotated[int, typer.Option(help="HNSW build beam")] = 80,
     as_json: JsonOpt = False,
 ) -> None:
     """Create an empty collection served by --version (or by the model --artifact)."""
+    from compatkit.index.backends import BackendOptions
+
+    options = BackendOptions(kind=index, engine=engine, location=qdrant_location,
+                             namespace=namespace, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
+                             ef_search=ef_search, ef_construction=ef_construction)
     st = _open(store, create=True)
     if artifact is not None:
         version = st.register_artifact(_artifact(artifact)).name
     if version is None:
         raise CompatkitError("give --version or --artifact")
-    _echo(asdict(st.create_collection(name, version, index=index).stats()), as_json)
+    _echo(asdict(st.create_collection(name, version, index=options).stats()), as_json)
 
 
 @index_app.command("add")
@@ -224,15 +238,27 @@ def work(
     name: Annotated[str, typer.Argument(help="collection name")],
     store: StoreOpt = DEFAULT_STORE,
     job: JobOpt = None,
-    worker: Annotated[str, typer.Option(help="claim name (a restart resumes its batch)")
+    engine: Annotated[str, typer.Option(help="local (this process) | torchrun | ray")] = "local",
+    workers: Annotated[int, typer.Option(help="worker processes (torchrun, ray)")] = 1,
+    worker: Annotated[str, typer.Option(help="local claim name (a restart resumes its batch)")
                       ] = "local",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (torchrun, ray)")] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Process a running upgrade's batches until it completes or pauses."""
+    from compatkit.index.distributed import backfill
     from compatkit.index.upgrade import latest_job
 
     st = _open(store)
-    _echo(_run_worker(st, job or latest_job(st, name), worker).as_dict(), as_json)
+    job_id = job or latest_job(st, name)
+    if engine == "local":
+        if workers != 1:
+            raise CompatkitError(f"the local engine runs 1 worker, got --workers {workers}; "
+                                 "use --engine torchrun or ray")
+        _echo(_run_worker(st, job_id, worker).as_dict(), as_json)
+        return
+    _echo(backfill(st, job_id, engine=engine, workers=workers, device=device).as_dict(),
+          as_json)
 
 
 @index_app.command("status")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from compatkit.errors import CompatkitError, UnknownNameError
-from compatkit.index.backends import INDEX_KINDS, BackendOptions, check_options
+from compatkit.index.backends import INDEX_KINDS, BackendOptions, check_options, open_backend
 from compatkit.index.embedders import ArtifactTransform, Embedder, embedder_from_spec
 from compatkit.index.errors import StateConflictError
 from compatkit.index.versions import (
@@ -486,14 +486,15 @@ class IndexStore:
             return [r[0] for r in con.execute("SELECT name FROM collections ORDER BY name")]
 
     def drop_collection(self, name: str) -> None:
-        """Delete a collection with its items, vectors and jobs."""
+        """Delete a collection with its items, vectors, jobs and the backend's stored data."""
         with self.write() as con:
-            _require_collection(con, name)
+            _, options, _ = _require_collection(con, name)
             con.execute("DELETE FROM collections WHERE name=?", (name,))
             con.execute("DELETE FROM meta WHERE key=?", (f"side_versions:{name}",))
             con.execute("DELETE FROM changes WHERE collection=?", (name,))
         with self._lock:
             self._caches.pop(name, None)
+        open_backend(self, name, options).drop()  # Qdrant: its collections go too
 
     # ----------------------------------------------------------------- embedders, caches
 
