@@ -15,26 +15,14 @@ from __future__ import annotations
 
 import argparse
 import resource
-import time
 
 import numpy as np
 import torch
 
+from common import Stopwatch
 from compatkit.eval.backfill import backfill_curve
 from compatkit.eval.metrics import retrieval_metrics
 from compatkit.eval.ordering import backfill_order
-
-
-class Stopwatch:
-    """Wall and CPU seconds of a block (``with Stopwatch() as sw: ...; sw.wall, sw.cpu``)."""
-
-    def __enter__(self) -> Stopwatch:
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall = time.perf_counter() - self._wall
-        self.cpu = time.process_time() - self._cpu
 
 
 def main() -> None:

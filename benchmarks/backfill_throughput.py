@@ -25,26 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common import random_model_artifacts
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-
-def make_models(work: Path) -> dict[str, Path]:
-    """Two random resnet18_cifar (width 0.25) artifacts: ``old`` and ``new`` (compatible)."""
-    import torch
-
-    from compatkit.artifacts import InputSpec, Manifest, save_module
-    from compatkit.models import create_model
-
-    spec = InputSpec(image_size=32, in_chans=3, mean=(0.5,) * 3, std=(0.25,) * 3)
-    paths = {}
-    for name, seed, compat in (("old", 0, ()), ("new", 1, ("old",))):
-        torch.manual_seed(seed)
-        model = create_model(backbone="resnet18_cifar", width=0.25, embed_dim=128,
-                             num_classes=100).eval()
-        paths[name] = save_module(work / name, model, Manifest(
-            model_version=name, spec=model.spec, embed_dim=128, normalized=True,
-            compatible_with=compat, input=spec))
-    return paths
 
 
 def make_sources(work: Path, n: int, seed: int) -> list[str]:
@@ -100,7 +83,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="backfill_throughput_") as tmp:
         work = Path(tmp)
-        paths = make_models(work)
+        paths = random_model_artifacts(work)
         sources = make_sources(work, args.items, args.seed)
         store = IndexStore(work / "store", synchronous="NORMAL")
         store.register_artifact(paths["old"])

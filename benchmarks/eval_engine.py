@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import resource
-import time
 
 import numpy as np
 import torch
 
+from common import Stopwatch
 from compatkit.eval.metrics import retrieval_metrics
 
 
@@ -28,17 +28,6 @@ def clustered(n: int, centres: np.ndarray, noise: float, rng: np.random.Generato
     x = centres[labels] + noise * rng.standard_normal((n, centres.shape[1]), dtype=np.float32)
     return x.astype(np.float32), labels.astype(np.int64)
 
-
-class Stopwatch:
-    """Wall and CPU seconds of a block (``with Stopwatch() as sw: ...; sw.wall, sw.cpu``)."""
-
-    def __enter__(self) -> Stopwatch:
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall = time.perf_counter() - self._wall
-        self.cpu = time.process_time() - self._cpu
 
 
 def bare_matmul_seconds(

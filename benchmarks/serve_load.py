@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import random_model_artifacts
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 sys.path.insert(0, str(SRC))
@@ -233,21 +235,13 @@ def model_part(args: argparse.Namespace, work: Path) -> None:
     import torch
     from PIL import Image
 
-    from compatkit.artifacts import InputSpec, Manifest, save_module
+    from compatkit.artifacts import read_manifest
     from compatkit.index import ArtifactEmbedder, IndexStore, ItemInput, rollback, run_backfill
     from compatkit.inference import embed_images
-    from compatkit.models import create_model
 
     torch.set_num_threads(1)
-    spec = InputSpec(image_size=32, in_chans=3, mean=(0.5,) * 3, std=(0.25,) * 3)
-    paths = {}
-    for name, seed, compat in (("old", 0, ()), ("new", 1, ("old",))):
-        torch.manual_seed(seed)
-        model = create_model(backbone="resnet18_cifar", width=0.25, embed_dim=128,
-                             num_classes=100).eval()
-        paths[name] = save_module(work / name, model, Manifest(
-            model_version=name, spec=model.spec, embed_dim=128, normalized=True,
-            compatible_with=compat, input=spec))
+    paths = random_model_artifacts(work)
+    spec = read_manifest(paths["new"]).input
     n = args.model_items
     images = np.random.default_rng(0).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
     src = work / "sources"

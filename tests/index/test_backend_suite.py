@@ -147,6 +147,9 @@ def test_bad_shapes(backend):
         g.add(np.array([1, 2]), np.zeros((2, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="keys added in one call must be unique"):
         g.add(np.array([1, 1]), np.ones((2, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="keys must be non-negative, got -3"):
+        g.add(np.array([1, -3]), np.ones((2, 4), dtype=np.float32))
+    assert len(g) == 0
 
 
 # ------------------------------------------------------------------ options

@@ -154,13 +154,9 @@ class VectorGroup:
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         """Insert or replace the vectors of ``keys`` (a key already present moves to a new slot)."""
-        keys = np.asarray(keys, dtype=np.int64)
-        if vectors.shape != (len(keys), self.dim):
-            raise ValueError(f"vectors must be ({len(keys)}, {self.dim}), got {vectors.shape}")
+        keys = check_group_add(keys, vectors, self.dim)
         if len(keys) == 0:
             return
-        if len(np.unique(keys)) != len(keys):
-            raise ValueError("keys added in one call must be unique")
         self.remove(keys)
         self._reserve(self._size + len(keys))
         slots = np.arange(self._size, self._size + len(keys))
@@ -274,6 +270,22 @@ class VectorGroup:
             index.hnsw.efConstruction = opts.ef_construction
             return index
         return faiss.IndexFlatIP(self.dim)
+
+
+def check_group_add(keys: np.ndarray, vectors: np.ndarray, dim: int) -> np.ndarray:
+    """``keys`` as int64 if they are unique, non-negative and match ``vectors`` (n, dim).
+
+    Raises:
+        ValueError: a shape mismatch, a repeated key or a negative key.
+    """
+    keys = np.asarray(keys, dtype=np.int64)
+    if vectors.shape != (len(keys), dim):
+        raise ValueError(f"vectors must be ({len(keys)}, {dim}), got {vectors.shape}")
+    if len(np.unique(keys)) != len(keys):
+        raise ValueError("keys added in one call must be unique")
+    if len(keys) and (keys < 0).any():
+        raise ValueError(f"keys must be non-negative, got {keys.min()}")
+    return keys
 
 
 def ivf_nlist(n: int, nlist: int | None = None) -> int:

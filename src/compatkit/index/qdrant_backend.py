@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compatkit.errors import CompatkitError
-from compatkit.index.backends import BackendOptions, GroupHits, GroupKey
+from compatkit.index.backends import BackendOptions, GroupHits, GroupKey, check_group_add
 
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient
@@ -356,15 +356,9 @@ class QdrantGroup:
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         """Insert or replace the points of ``keys`` with these vectors and their payloads."""
         m = _models()
-        keys = np.asarray(keys, dtype=np.int64)
-        if vectors.shape != (len(keys), self.dim):
-            raise ValueError(f"vectors must be ({len(keys)}, {self.dim}), got {vectors.shape}")
+        keys = check_group_add(keys, vectors, self.dim)
         if len(keys) == 0:
             return
-        if len(np.unique(keys)) != len(keys):
-            raise ValueError("keys added in one call must be unique")
-        if (keys < 0).any():
-            raise ValueError(f"keys must be non-negative (Qdrant point ids), got {keys.min()}")
         klist = keys.tolist()
         payloads = self.backend.payloads(klist) if self.backend.payloads is not None else {}
         base = {"version": self.key[0], "origin": self.key[1] or ""}
