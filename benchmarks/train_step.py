@@ -3,15 +3,22 @@
 The loop's images/s (data indexing, batched augmentation, old-model forward, loss, optimiser
 step) is read from ``history.json`` of a real ``compatkit.train`` run (steady-state epochs);
 the bare step runs the same old forward + new forward/backward + optimiser step on tensors
-already in memory. Goal: loop time per image at most 1.1× the bare compute.
+already in memory. Goal: loop time per image at most 1.1× the bare compute. With ``--nproc``
+the same BCT run is repeated by ``compatkit train --nproc N`` (DDP, gloo on CPU; one torch
+thread per process; per-process batch = global batch / N) and its images/s printed per N.
 
-    python benchmarks/train_step.py [--epochs 3] [--images-per-class 40] [--threads 2]
+    python benchmarks/train_step.py [--epochs 3] [--images-per-class 40] [--threads 2] \
+        [--nproc 1,2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +64,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--images-per-class", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--nproc", default="", help="e.g. 1,2: also time DDP runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = [f"data.options={{images_per_class: {args.images_per_class}}}"]
@@ -76,6 +84,9 @@ def main() -> None:
         bare = bare_step_seconds(new, old, 20, bs, spec.in_chans, spec.image_size,
                                  manifest.class_ids, old_manifest)
         bare_ips = bs / bare
+        ddp = {int(n): ddp_images_per_second(int(n), args.epochs, data, old_run.artifact_dir,
+                                             tmp / f"ddp{n}")
+               for n in args.nproc.split(",") if n}
     print(f"threads={args.threads} batch={bs} images={run.manifest.data['train_images']} "
           f"model=resnet18_cifar w0.25 d128 (torch {torch.__version__})")
     print("| what | images/s | time per image (ms) |")
@@ -85,6 +96,26 @@ def main() -> None:
     print(f"| bare compute (old fwd + new fwd/bwd + step, tensors in memory) | {bare_ips:.0f} | "
           f"{1000 / bare_ips:.3f} |")
     print(f"| ratio loop / bare (goal ≤ 1.10) | {bare_ips / loop_ips:.3f} | |")
+    if ddp:
+        print()
+        print("| processes (DDP, 1 thread each, global batch 128) | images/s | speed-up |")
+        print("|---:|---:|---:|")
+        for n, ips in ddp.items():
+            print(f"| {n} | {ips:.0f} | {ips / ddp[min(ddp)]:.2f}× |")
+
+
+def ddp_images_per_second(nproc: int, epochs: int, data: list[str], old: Path,
+                          out: Path) -> float:
+    """Median steady-epoch images/s of ``compatkit train --nproc N`` on the same BCT run."""
+    overrides = [*MODEL, *data, "name=bct", "method={name: bct}", f"train.epochs={epochs}",
+                 f"train.batch_size={128 // nproc}", f"old_model={old}"]
+    cmd = [sys.executable, "-m", "compatkit", "train", "--out", str(out), "--nproc", str(nproc)]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    history = json.loads((out / "history.json").read_text())
+    return statistics.median(h["images_per_second"] for h in history[1:] or history)
 
 
 if __name__ == "__main__":
