@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from compatkit.demo import RECIPES, recipe_tree
 from compatkit.eval import backfill_curve, backfill_order, flip_rates, retrieval_metrics
 from compatkit.eval.flips import top_k_correct
 from compatkit.inference import embed_images
@@ -33,25 +34,6 @@ from compatkit.train.prepare import evaluation_images
 from compatkit.upgrade import apply_transformation
 
 METRICS = ["map", "cmc@1", "cmc@5", "map@r"]
-COMMON: dict[str, Any] = {
-    "model": {"backbone": "resnet10_cifar", "width": 0.25, "embed_dim": 128,
-              "classifier": "cosine"},
-    "optim": {"name": "sgd", "lr": 0.1, "weight_decay": 5e-4, "warmup_epochs": 1},
-    "train": {"batch_size": 64, "seed": 0, "progress": False},
-    "eval": {"metrics": METRICS},
-}
-DATASETS: dict[str, dict[str, Any]] = {
-    "omniglot": {"data": {"old_ratio": 0.3, "test_class_ratio": 0.3, "crop_padding": 2,
-                          "flip": False},
-                 "train": {"epochs": 12}},
-    "cifar10": {"data": {"old_ratio": 0.5, "train_per_class": 500},
-                "model": {"backbone": "resnet18_cifar"},
-                "train": {"epochs": 12}},
-    "synthetic": {"data": {"old_ratio": 0.3, "test_class_ratio": 0.3, "crop_padding": 2,
-                           "flip": False},
-                  "train": {"epochs": 6}},
-}
-OLD_EPOCHS = {"omniglot": 30, "cifar10": 20, "synthetic": 30}
 TRANSFORM: dict[str, Any] = {
     "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 3.0517578125e-05},
 }
@@ -68,10 +50,10 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
 def stage_config(dataset: str, root: str | None, scenario: str, name: str,
                  method: dict[str, Any], side: str, extra: dict[str, Any] | None = None,
                  overrides: list[str] | None = None):
-    base = merge_trees(COMMON, DATASETS[dataset])
-    base = merge_trees(base, {"name": name, "method": method,
-                              "data": {"name": dataset, "root": root, "scenario": scenario,
-                                       "side": side}})
+    """The demo's recipe for ``dataset`` (old or new side), in ``scenario``, with ``method``."""
+    base = merge_trees(recipe_tree(dataset, root, side), {
+        "name": name, "method": method, "data": {"scenario": scenario},
+        "train": {"progress": False}, "eval": {"metrics": METRICS}})
     if extra:
         base = merge_trees(base, extra)
     return load_config(None, overrides or [], base=base)
@@ -79,7 +61,7 @@ def stage_config(dataset: str, root: str | None, scenario: str, name: str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="omniglot", choices=sorted(DATASETS))
+    parser.add_argument("--dataset", default="omniglot", choices=sorted(RECIPES))
     parser.add_argument("--root", default=None)
     parser.add_argument("--scenario", default="extended_class",
                         choices=["extended_class", "open_class", "extended_data", "open_data"])
@@ -104,8 +86,7 @@ def main() -> None:
         print(f"[{time.perf_counter() - t0:7.1f} s] {name}", flush=True)
         return result, cfg
 
-    old, old_cfg = stage("old", {"name": "independent"}, "old",
-                         {"train": {"epochs": OLD_EPOCHS[args.dataset]}})
+    old, old_cfg = stage("old", {"name": "independent"}, "old")
     paragon, _ = stage("independent", {"name": "independent"})
     epochs = paragon.manifest.config["train"]["epochs"]
     runs: dict[str, Any] = {"independent": paragon}
@@ -121,8 +102,7 @@ def main() -> None:
             **with_old, **TRANSFORM, "frozen_models": {"new": str(runs["bct"].artifact_dir)}})[0])
     side_run = None
     if "fct_side" in wanted:
-        side_run, _ = stage("simclr", {"name": "simclr"}, "old",
-                            {"train": {"epochs": OLD_EPOCHS[args.dataset]}})
+        side_run, _ = stage("simclr", {"name": "simclr"}, "old")
     for name, method, frozen in [
         ("fct", {"name": "fct", "inner": 512}, {}),
         ("fct_side", {"name": "fct", "inner": 512},

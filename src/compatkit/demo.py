@@ -32,35 +32,35 @@ from compatkit.train.prepare import evaluation_images
 log = logging.getLogger(__name__)
 
 COMMON: dict[str, Any] = {
-    "model": {"backbone": "resnet18_cifar", "width": 0.25, "embed_dim": 128,
+    "model": {"backbone": "resnet10_cifar", "width": 0.25, "embed_dim": 128,
               "classifier": "cosine"},
     "optim": {"name": "sgd", "lr": 0.1, "weight_decay": 5e-4, "warmup_epochs": 1},
     "train": {"batch_size": 64, "seed": 0},
     "eval": {"metrics": ["map", "cmc@1", "cmc@5", "map@r"]},
 }
 
-# Recipes sized for 2 CPU cores: a base config dict per dataset, and what the old stage
-# changes (it trains on fewer images, so it gets more epochs). --set overrides refine both.
+# Recipes sized for 2 CPU cores, shared with benchmarks/methods.py: a base config dict per
+# dataset, and what the old stage changes (it trains on fewer images, so it gets more epochs).
+# --set overrides refine both.
 RECIPES: dict[str, dict[str, Any]] = {
     "synthetic": {
         "data": {"scenario": "extended_class", "old_ratio": 0.3, "test_class_ratio": 0.3,
                  "crop_padding": 2, "flip": False},
-        "model": {"backbone": "resnet10_cifar"},
         "train": {"epochs": 10},
     },
     "omniglot": {
         "data": {"scenario": "extended_class", "old_ratio": 0.3, "test_class_ratio": 0.3,
                  "crop_padding": 2, "flip": False},
-        "train": {"epochs": 20},
+        "train": {"epochs": 12},
     },
     "cifar10": {
-        "data": {"scenario": "extended_class", "old_ratio": 0.5, "train_per_class": 1000},
-        "train": {"epochs": 15},
+        "data": {"scenario": "extended_class", "old_ratio": 0.5, "train_per_class": 500},
+        "train": {"epochs": 12},
     },
 }
 OLD_STAGE: dict[str, dict[str, Any]] = {
     "synthetic": {"train": {"epochs": 15}},
-    "omniglot": {"train": {"epochs": 40}},
+    "omniglot": {"train": {"epochs": 30}},
     "cifar10": {"train": {"epochs": 20}},
 }
 DEFAULT_RECIPE: dict[str, Any] = {"data": {"scenario": "extended_class"}, "train": {"epochs": 10}}
@@ -78,15 +78,19 @@ class DemoResult:
 def demo_config(dataset: str, root: str | None, stage: str, method: dict[str, Any],
                 overrides: Sequence[str] = (), old_dir: Path | None = None) -> RunConfig:
     """The resolved run config of one demo stage (``old`` or a new-model method)."""
-    base = merge_trees(COMMON, RECIPES.get(dataset, DEFAULT_RECIPE))
-    if stage == "old":
-        base = merge_trees(base, OLD_STAGE.get(dataset, {}))
-    base = merge_trees(base, {"name": stage, "method": method,
-                         "data": {"name": dataset, "root": root,
-                                  "side": "old" if stage == "old" else "new"}})
+    base = recipe_tree(dataset, root, "old" if stage == "old" else "new")
+    base = merge_trees(base, {"name": stage, "method": method})
     if old_dir is not None:
         base["old_model"] = str(old_dir)
     return load_config(None, overrides, base=base)
+
+
+def recipe_tree(dataset: str, root: str | None, side: str) -> dict[str, Any]:
+    """The unresolved config tree of the dataset's recipe for a model of ``side`` (old/new)."""
+    base = merge_trees(COMMON, RECIPES.get(dataset, DEFAULT_RECIPE))
+    if side == "old":
+        base = merge_trees(base, OLD_STAGE.get(dataset, {}))
+    return merge_trees(base, {"data": {"name": dataset, "root": root, "side": side}})
 
 
 def run_demo(
