@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from compatkit.artifacts import load_module, read_manifest
 from compatkit.errors import CompatkitError
 from compatkit.train.config import load_config
-from compatkit.train.loop import train
+from compatkit.train.loop import train, train_or_reuse
 
 TINY = [
     "data.options={num_classes: 200, images_per_class: 5}",
@@ -108,9 +108,13 @@ def test_resume_continues_to_the_same_weights(tmp_path, monkeypatch):
     assert json.loads((interrupted / "checkpoints" / "last" / "state.json").read_text())[
         "epoch"] == 1
     assert not (interrupted / "model").exists()
-    resumed = train(cfg, interrupted, resume=True)
+    resumed = train_or_reuse(cfg, interrupted)  # same config: resumes at epoch 1
     wf, wr = _weights(full.run_dir), _weights(resumed.run_dir)
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    assert [h["epoch"] for h in json.loads((interrupted / "history.json").read_text())] == [0, 1]
+    mtime = (interrupted / "model" / "model.safetensors").stat().st_mtime_ns
+    train_or_reuse(cfg, interrupted)  # finished with the same config: reused, not retrained
+    assert (interrupted / "model" / "model.safetensors").stat().st_mtime_ns == mtime
 
 
 def test_resume_from_corrupt_state_is_a_clear_error(tmp_path):

@@ -205,7 +205,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> RunRe
 
 
 def train_or_reuse(cfg: RunConfig, out_dir: str | Path) -> RunResult:
-    """``train`` unless ``out_dir`` already holds a model trained with exactly this config."""
+    """``train`` unless ``out_dir`` already holds a model trained with exactly this config;
+    a run of this config that was interrupted resumes from its last checkpoint."""
     out_dir = Path(out_dir)
     artifact = out_dir / "model"
     if (artifact / "manifest.json").is_file():
@@ -214,6 +215,11 @@ def train_or_reuse(cfg: RunConfig, out_dir: str | Path) -> RunResult:
             log.info("reusing %s (trained with the same config)", artifact)
             return RunResult(out_dir, artifact, manifest, manifest.metrics,
                              _read_history(out_dir))
+    saved = out_dir / "config.yaml"
+    interrupted = (out_dir / "checkpoints" / "last" / "state.json").is_file()
+    if interrupted and saved.is_file() and saved.read_text() == config_to_yaml(cfg):
+        log.info("resuming %s (interrupted with the same config)", out_dir)
+        return train(cfg, out_dir, resume=True)
     return train(cfg, out_dir)
 
 
