@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from compatkit.index import HashEmbedder, IndexStore, ItemInput
+from compatkit.index.vectors import l2_normalize
 
 DIM = 8
 
@@ -84,3 +86,15 @@ def make_transformation(tmp_path, torch_one_thread):
         return str(save_module(tmp_path / "artifacts" / name, module, manifest))
 
     return make
+
+
+def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """(n, d) float32 random L2-normalised rows."""
+    return l2_normalize(np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32))
+
+
+def brute_top_k(x: np.ndarray, keys: np.ndarray, q: np.ndarray, k: int):
+    """Exact inner-product top-k of ``q`` over the rows of ``x``: (scores, keys of the rows)."""
+    s = q @ x.T
+    idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, idx, 1), keys[idx]

@@ -14,9 +14,8 @@ from compatkit.index import BackendOptions, HashEmbedder, IndexStore, ItemInput,
 from compatkit.index.backends import check_options, open_backend
 from compatkit.index.qdrant_backend import QdrantBackend, close_clients, safe_name
 from compatkit.index.upgrade import rollback
-from compatkit.index.vectors import l2_normalize
 
-from .conftest import DIM, hash_versions
+from .conftest import DIM, brute_top_k, hash_versions, unit_vectors
 
 #: Qdrant runs in qdrant-client's local mode in memory; a local-mode folder (one SQLite commit
 #: per point, slow) is covered by ``test_qdrant_payloads_alias_and_restart``.
@@ -48,27 +47,17 @@ def backend(engine, tmp_path):
     b.close()
 
 
-def _data(n: int, d: int, seed: int = 0) -> np.ndarray:
-    return l2_normalize(np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32))
-
-
-def _brute(x: np.ndarray, keys: np.ndarray, q: np.ndarray, k: int):
-    s = q @ x.T
-    idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(s, idx, 1), keys[idx]
-
-
 # ------------------------------------------------------------------ group level
 
 
 def test_exact_group_equals_brute_force_with_item_keys(backend):
-    x, q = _data(300, 16), _data(5, 16, seed=1)
+    x, q = unit_vectors(300, 16), unit_vectors(5, 16, seed=1)
     keys = np.arange(1000, 1300, dtype=np.int64)
     g = backend.group(("vA", None), 16)
     g.add(keys, x)
     assert len(g) == 300
     hits = g.search(q, 7)
-    ref_s, ref_k = _brute(x, keys, q, 7)
+    ref_s, ref_k = brute_top_k(x, keys, q, 7)
     np.testing.assert_allclose(hits.scores, ref_s, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(hits.keys, ref_k)
     np.testing.assert_allclose(g.vectors_of(keys[[5, 2]]), x[[5, 2]], rtol=1e-6, atol=1e-7)
@@ -113,13 +102,13 @@ def test_groups_of_one_space_stay_apart(backend):
 
 
 def test_mass_removal_keeps_results(backend):
-    x = _data(3000, 8)
+    x = unit_vectors(3000, 8)
     keys = np.arange(3000, dtype=np.int64)
     g = backend.group(("vA", None), 8)
     g.add(keys, x)
     g.remove(keys[:2500])  # FAISS compacts here
-    q = _data(3, 8, seed=2)
-    ref_s, ref_k = _brute(x[2500:], keys[2500:], q, 5)
+    q = unit_vectors(3, 8, seed=2)
+    ref_s, ref_k = brute_top_k(x[2500:], keys[2500:], q, 5)
     hits = g.search(q, 5)
     np.testing.assert_array_equal(hits.keys, ref_k)
     np.testing.assert_allclose(hits.scores, ref_s, rtol=1e-5, atol=1e-6)
@@ -128,12 +117,12 @@ def test_mass_removal_keeps_results(backend):
 def test_hnsw_kind_recall(engine, tmp_path):
     b = open_backend(None, "suite", _options(engine, tmp_path, kind="hnsw"))
     b.reset({"vA": 16})  # the version declared up front
-    x, q = _data(2000, 16), _data(30, 16, seed=3)
+    x, q = unit_vectors(2000, 16), unit_vectors(30, 16, seed=3)
     keys = np.arange(2000, dtype=np.int64)
     g = b.group(("vA", None), 16)
     g.add(keys, x)
     g.remove(keys[:10])
-    _, ref_k = _brute(x[10:], keys[10:], q, 10)
+    _, ref_k = brute_top_k(x[10:], keys[10:], q, 10)
     hits = g.search(q, 10)
     assert not np.isin(hits.keys, keys[:10]).any()
     recall = np.mean([len(set(a) & set(r)) / 10 for a, r in zip(hits.keys, ref_k, strict=True)])
@@ -219,7 +208,7 @@ def test_collection_searches_equal_faiss_through_an_upgrade(engine, tmp_path):
     colls = [s.create_collection("c", "vA", index=o) for s, o in
              ((ref, BackendOptions()), (st, _options(engine, tmp_path)))]
     items = [ItemInput(f"i{i}", source=f"src{i}", metadata={"label": i % 3}) for i in range(60)]
-    queries = _data(4, DIM, seed=7)
+    queries = unit_vectors(4, DIM, seed=7)
     for c in colls:
         c.add(items)
         c.delete(["i3", "i4"])
@@ -254,7 +243,7 @@ def test_version_registered_after_the_cache_was_built(engine, tmp_path):
     st = _store(tmp_path, "st")
     coll = st.create_collection("c", "vA", index=_options(engine, tmp_path))
     coll.add([ItemInput(f"i{i}", source=f"src{i}") for i in range(20)])
-    q = _data(1, DIM, seed=3)
+    q = unit_vectors(1, DIM, seed=3)
     before = coll.search(q[0], version="vA", k=20).hits
     st.register_version("vC", dim=DIM, embedder=HashEmbedder("vC", DIM, seed=2))
     st.declare_compatible("vC", "vA")
@@ -293,7 +282,7 @@ def test_qdrant_payloads_alias_and_restart(tmp_path):
     coll = st.create_collection("photos", "vA", index=BackendOptions(
         engine="qdrant", location=location, namespace="prod"))
     coll.add([ItemInput(f"i{i}", source=f"src{i}", metadata={"label": i}) for i in range(5)])
-    hits = coll.search(_data(1, DIM)[0], version="vA", k=5).hits
+    hits = coll.search(unit_vectors(1, DIM)[0], version="vA", k=5).hits
     assert sorted(h.id for h in hits) == [f"i{i}" for i in range(5)]
     client = st.search_cache("photos")._backend.client  # the shared local-mode client
     points, _ = client.scroll("prod-photos", limit=10, with_payload=True)
@@ -305,7 +294,7 @@ def test_qdrant_payloads_alias_and_restart(tmp_path):
     close_clients()  # as if the process ended
 
     st2 = IndexStore(tmp_path / "st")
-    again = st2.collection("photos").search(_data(1, DIM)[0], version="vA", k=5).hits
+    again = st2.collection("photos").search(unit_vectors(1, DIM)[0], version="vA", k=5).hits
     assert again == hits
     client2 = st2.search_cache("photos")._backend.client
     second = [c.name for c in client2.get_collections().collections]

@@ -6,26 +6,17 @@ import numpy as np
 import pytest
 
 from compatkit.index.backends import BackendOptions, VectorGroup
-from compatkit.index.vectors import l2_normalize
 
-
-def _data(n: int, d: int, seed: int = 0) -> np.ndarray:
-    return l2_normalize(np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32))
-
-
-def _brute(x: np.ndarray, keys: np.ndarray, q: np.ndarray, k: int):
-    s = q @ x.T
-    idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(s, idx, 1), keys[idx]
+from .conftest import brute_top_k, unit_vectors
 
 
 def test_flat_group_equals_brute_force_with_item_keys():
-    x, q = _data(300, 16), _data(5, 16, seed=1)
+    x, q = unit_vectors(300, 16), unit_vectors(5, 16, seed=1)
     keys = np.arange(1000, 1300, dtype=np.int64)
     g = VectorGroup(16)
     g.add(keys, x)
     hits = g.search(q, 7)
-    ref_s, ref_k = _brute(x, keys, q, 7)
+    ref_s, ref_k = brute_top_k(x, keys, q, 7)
     np.testing.assert_allclose(hits.scores, ref_s, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(hits.keys, ref_k)
 
@@ -53,13 +44,13 @@ def test_removed_and_replaced_keys():
 
 
 def test_compaction_keeps_results():
-    x = _data(3000, 8)
+    x = unit_vectors(3000, 8)
     keys = np.arange(3000, dtype=np.int64)
     g = VectorGroup(8)
     g.add(keys, x)
     g.remove(keys[:2500])  # triggers a rebuild (dead slots dominate)
-    q = _data(3, 8, seed=2)
-    ref_s, ref_k = _brute(x[2500:], keys[2500:], q, 5)
+    q = unit_vectors(3, 8, seed=2)
+    ref_s, ref_k = brute_top_k(x[2500:], keys[2500:], q, 5)
     hits = g.search(q, 5)
     np.testing.assert_array_equal(hits.keys, ref_k)
     np.testing.assert_allclose(hits.scores, ref_s, rtol=1e-5, atol=1e-6)
@@ -67,7 +58,7 @@ def test_compaction_keeps_results():
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_kinds_recall(kind):
-    x, q = _data(4000, 16), _data(50, 16, seed=3)
+    x, q = unit_vectors(4000, 16), unit_vectors(50, 16, seed=3)
     keys = np.arange(4000, dtype=np.int64)
     g = VectorGroup(16, BackendOptions(kind=kind, ivf_min_size=1000, nprobe=40))
     g.add(keys[:500], x[:500])
@@ -75,7 +66,7 @@ def test_approximate_kinds_recall(kind):
     g.add(keys[500:], x[500:])
     assert g.structure == kind
     g.remove(keys[:10])
-    _, ref_k = _brute(x[10:], keys[10:], q, 10)
+    _, ref_k = brute_top_k(x[10:], keys[10:], q, 10)
     hits = g.search(q, 10)
     assert not np.isin(hits.keys, keys[:10]).any()
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(hits.keys, ref_k, strict=True)])
