@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from compatkit.demo import RECIPES, recipe_tree
+from compatkit.errors import MethodNotApplicableError
 from compatkit.eval import backfill_curve, backfill_order, flip_rates, retrieval_metrics
 from compatkit.eval.flips import top_k_correct
 from compatkit.inference import embed_images
@@ -98,7 +99,7 @@ def main() -> None:
             method["refine_epochs"] = [epochs // 2]
         try:
             runs[name], _ = stage(name, method, extra=with_old)
-        except ValueError as exc:  # a method that does not apply to this split (PCT, open-class)
+        except MethodNotApplicableError as exc:  # e.g. PCT in open-class
             not_applicable[name] = str(exc)
             print(f"[ n/a ] {name}: {exc}", flush=True)
     transforms: dict[str, tuple[str, Any]] = {}

@@ -22,3 +22,7 @@ class IncompatibleSpacesError(CompatkitError):
 
 class DataRootError(CompatkitError, FileNotFoundError):
     """A dataset root is missing or does not hold the expected files."""
+
+
+class MethodNotApplicableError(CompatkitError):
+    """A method cannot train on this data split (e.g. PCT when no class is shared)."""

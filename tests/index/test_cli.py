@@ -130,10 +130,22 @@ def test_work_on_two_torchrun_workers(tmp_path):
     store = _hash_collection(tmp_path)
     run("upgrade", "c", "--to", "vB", "--strategy", "cold", "--batch-size", "2", "--no-run",
         *store)
-    with pytest.raises(CompatkitError, match="local engine runs 1 worker"):
+    with pytest.raises(ValueError, match="local engine runs 1 worker"):
         runner.invoke(app, ["index", "work", "c", "--workers", "2", *store],
                       catch_exceptions=False)
     done = json.loads(run("work", "c", "--engine", "torchrun", "--workers", "2", "--device",
                           "cpu", *store, "--json"))
     assert (done["state"], done["done"], done["total"]) == ("completed", 9, 9)
     assert json.loads(run("status", "c", *store, "--json"))["collection"]["current"] == {"vB": 9}
+
+
+def test_create_defaults_are_the_backend_defaults():
+    import inspect
+
+    from compatkit.index.backends import BackendOptions
+    from compatkit.index.cli import create
+
+    params = inspect.signature(create).parameters
+    shared = {"engine", "namespace", "nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction"}
+    assert {k: params[k].default for k in shared} == {
+        k: BackendOptions._field_defaults[k] for k in shared}

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from compatkit.errors import MethodNotApplicableError
 from compatkit.methods.base import MethodBatch, create_method, method_config_from_dict
 from compatkit.methods.pct import (
     FocalDistillationLoss,
@@ -122,11 +123,12 @@ def test_pct_weight_follows_the_old_model_and_maps_classes_by_id():
 
 def test_pct_refuses_open_class_and_missing_old_classifier():
     ctx, _, _ = make_context(new_ids=(5, 6), old_ids=(0, 1))
-    with pytest.raises(ValueError, match="open-class"):
+    with pytest.raises(MethodNotApplicableError, match="open-class"):
         create_method(method_config_from_dict({"name": "pct"}), ctx).on_train_start()
     ctx, _, _ = make_context(old_classifier=False)
-    with pytest.raises(ValueError, match="classifier"):
+    with pytest.raises(ValueError, match="classifier") as missing:
         create_method(method_config_from_dict({"name": "pct"}), ctx).on_train_start()
+    assert not isinstance(missing.value, MethodNotApplicableError)  # a broken input, not a split
 
 
 def test_pct_oc_uses_new_model_correctness_and_raw_features():

@@ -116,16 +116,18 @@ def create(
     engine: Annotated[str, typer.Option(help="faiss (in-process) | qdrant")] = "faiss",
     qdrant_location: Annotated[str | None, typer.Option(
         help="qdrant: ':memory:', a local-mode folder, or an http(s):// URL")] = None,
-    namespace: Annotated[str, typer.Option(help="qdrant collection name prefix")] = "compatkit",
+    namespace: Annotated[str, typer.Option(help="qdrant collection name prefix")
+                         ] = "compatkit",
     nlist: Annotated[int | None, typer.Option(help="IVF lists (default 4·√n)")] = None,
     nprobe: Annotated[int, typer.Option(help="IVF lists visited per query")] = 16,
     hnsw_m: Annotated[int, typer.Option(help="HNSW graph degree")] = 32,
     ef_search: Annotated[int, typer.Option(help="HNSW search beam")] = 128,
-    ef_construction: Annotated[int, typer.Option(help="HNSW build beam")] = 80,
+    ef_construction: Annotated[int, typer.Option(help="HNSW build beam")
+                               ] = 80,
     as_json: JsonOpt = False,
 ) -> None:
     """Create an empty collection served by --version (or by the model --artifact)."""
-    from compatkit.index.backends import BackendOptions
+    from compatkit.index.backends import BackendOptions  # faiss: not at CLI start-up
 
     options = BackendOptions(kind=index, engine=engine, location=qdrant_location,
                              namespace=namespace, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
@@ -251,10 +253,7 @@ def work(
 
     st = _open(store)
     job_id = job or latest_job(st, name)
-    if engine == "local":
-        if workers != 1:
-            raise CompatkitError(f"the local engine runs 1 worker, got --workers {workers}; "
-                                 "use --engine torchrun or ray")
+    if engine == "local" and workers == 1:  # in this process, stoppable by SIGINT/SIGTERM
         _echo(_run_worker(st, job_id, worker).as_dict(), as_json)
         return
     _echo(backfill(st, job_id, engine=engine, workers=workers, device=device).as_dict(),

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from compatkit.errors import MethodNotApplicableError
 from compatkit.methods.base import (
     LossOutput,
     Method,
@@ -181,8 +182,9 @@ class PCT(Method):
         shared = [(r, old_row[int(c)]) for r, c in enumerate(self.ctx.class_ids)
                   if int(c) in old_row]
         if not shared:
-            raise ValueError("PCT distils old-classifier logits over the classes both models "
-                             "know, and this split has none (open-class); use unibct or contra")
+            raise MethodNotApplicableError(
+                "PCT distils old-classifier logits over the classes both models know, and this "
+                "split has none (open-class); use unibct or contra")
         device = self.ctx.device
         self.register_buffer("new_rows", torch.tensor([r for r, _ in shared], device=device),
                              persistent=False)
