@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -22,23 +22,21 @@ import torch
 from compatkit.eval.flips import flip_rates, top_k_correct
 from compatkit.eval.metrics import (
     DEFAULT_BLOCK_POSITIVES,
-    GEMM_ROWS,
-    TILE_ROWS,
     BucketGrid,
     ClassIndex,
     KnownPairs,
     Positions,
     PositiveRanks,
     QueryBlock,
-    SharedItems,
     SortedPositives,
-    Workspace,
+    TileItems,
     by_class,
     check_exclude_self,
     max_abs_score,
     parse_metrics,
     plan_query_blocks,
     positive_scores,
+    tile_rows,
 )
 from compatkit.eval.ordering import backfill_count, check_permutation
 from compatkit.eval.retrieval import (
@@ -54,10 +52,12 @@ from compatkit.eval.retrieval import (
     prepare,
     score_block,
 )
+from compatkit.eval.threads import Workers, Workspace
 
 logger = logging.getLogger(__name__)
 
 Reference = Literal["old_old", "previous_step"]
+T = TypeVar("T")
 
 #: Bucket table size per query row in the curve walk (its rows hold two targets per positive).
 CURVE_BUCKETS_PER_ROW = 8192
@@ -183,56 +183,43 @@ class _StepHistograms:
         self.steps, self.nbins, self.width = steps, nbins, steps + 1
         self.base = torch.zeros(nbins, dtype=torch.int64, device=device)
         self.delta = torch.zeros(self.width, nbins, dtype=torch.int64, device=device)
+        # appended from several threads: the order varies, the counts made from it do not
         self._ties: list[tuple[torch.Tensor, ...]] = []
-        self._ones = torch.ones(1 << 16, dtype=torch.int64, device=device)
 
-    def _unit(self, n: int) -> torch.Tensor:
-        if self._ones.numel() < n:
-            self._ones = torch.ones(
-                max(n, 2 * self._ones.numel()), dtype=torch.int64, device=self._ones.device
-            )
-        return self._ones[:n]
-
-    def add(
-        self,
-        pos: Positions,
-        step: int | torch.Tensor,
-        *,
-        new: bool,
-        bin_range: tuple[int, int] | None = None,
-    ) -> None:
-        """Items located in their old (``new=False``) or new state, switching at ``step``
-        (one int for all, or (n,) per item; ``steps`` = never). With ``bin_range`` (lo, hi)
-        and an int step the bins are relative to lo, as :class:`TileItems` gives them: one
-        bincount then serves all items."""
-        sign = 1 if new else -1
-        if isinstance(step, int) and bin_range is not None:
-            if pos.bin.numel():
-                lo, hi = bin_range
-                c = torch.bincount(pos.bin, minlength=hi - lo)
-                if not new:
-                    self.base[lo:hi] += c
-                    self.delta[step, lo:hi] -= c
-                else:
-                    self.delta[step, lo:hi] += c
-        else:
+    def add_tile(self, items: TileItems, *, step: int, new: bool) -> None:
+        """A located tile's items (no ties; bins relative to its bin range) in their old
+        (``new=False``) or new state, all switching at ``step``: one bincount serves them
+        all. Tiles of disjoint rows may be added from several threads at once."""
+        if items.positions.bin.numel():
+            lo, hi = items.bin_range
+            c = torch.bincount(items.positions.bin, minlength=hi - lo)
             if not new:
-                self.base.index_add_(0, pos.bin, self._unit(pos.bin.numel()))
-            idx = pos.bin.to(torch.int64) + step * self.nbins
-            self.delta.view(-1).index_add_(0, idx, self._unit(idx.numel()), alpha=sign)
+                self.base[lo:hi] += c
+                self.delta[step, lo:hi] -= c
+            else:
+                self.delta[step, lo:hi] += c
+
+    def add(self, pos: Positions, step: int, *, new: bool) -> None:
+        """Items located in their old (``new=False``) or new state, switching at ``step``.
+        Items of disjoint rows may be added from several threads at once."""
+        ones = torch.ones(pos.bin.numel(), dtype=torch.int64, device=pos.bin.device)
+        if not new:
+            self.base.index_add_(0, pos.bin, ones)
+        self.delta[step].index_add_(0, pos.bin, ones, alpha=1 if new else -1)
         if pos.tie_idx.numel():
             ge = pos.bin[pos.tie_idx].to(torch.int64)
-            at = torch.full_like(ge, step) if isinstance(step, int) else step[pos.tie_idx]
+            at = torch.full_like(ge, step)
             # the item is in this state at steps [0, switch) when old, [switch, steps) when new
             start, stop = (at, torch.full_like(at, self.steps)) if new else (at * 0, at)
             self._ties.append((pos.tie_bin.to(torch.int64), ge, start, stop))
 
-    def per_step(self) -> Iterator[torch.Tensor]:
-        """The ge histogram of the items at each step (one buffer, updated in place)."""
-        ge = self.base.clone()
-        for s in range(self.steps):
-            ge += self.delta[s]
-            yield ge
+    def finish(self) -> torch.Tensor:
+        """(steps + 1, nbins): the ge histogram of the items at each step (running sums of
+        ``delta`` on ``base``, in place; no more items may be added)."""
+        self.delta[0] += self.base
+        for s in range(1, self.width):
+            self.delta[s] += self.delta[s - 1]
+        return self.delta
 
     def tie_targets(self, sp: SortedPositives) -> tuple[torch.Tensor, ...]:
         """(target, first step, stop step) of each (tied item, target) pair where the item's
@@ -366,33 +353,40 @@ def backfill_curve(
     counted = 0
     correct = np.zeros((n_steps, nq), dtype=bool)
     index = ClassIndex.build(gl)
-    walk = _CurveWalk(
-        (_reordered(gpo, walk_order), _reordered(gpn, walk_order)),
-        (by_class(gpo, index), by_class(gpn, index)),
-        segments,
-        walk_order,
-        position,
-        switch,
-        n_steps,
-    )
-    for block in plan_query_blocks(
-        ql,
-        index,
-        exclude_self=exclude_self,
-        query_block=query_block,
-        max_positives=DEFAULT_BLOCK_POSITIVES // 2,
-    ):
-        qb = Prepared(
-            qp.feats[block.qidx], None if qp.sq_norms is None else qp.sq_norms[block.qidx]
+    with Workers(q.device) as workers:
+        walk = _CurveWalk(
+            (_reordered(gpo, walk_order), _reordered(gpn, walk_order)),
+            (by_class(gpo, index), by_class(gpn, index)),
+            segments,
+            walk_order,
+            position,
+            switch,
+            n_steps,
+            workers,
         )
-        per_step = walk.block(qb, block, exclude_self=exclude_self)
-        idx = block.qidx.cpu().numpy()
-        valid = (block.offsets[1:] > block.offsets[:-1]).cpu().numpy()
-        counted += int(valid.sum())
-        for s, stats in enumerate(per_step):
-            for j, spec in enumerate(specs):
-                sums[s, j] += float(spec.per_query(stats).cpu().numpy()[valid].sum())
-            correct[s, idx] = np.nan_to_num(hit_spec.per_query(stats).cpu().numpy()) > 0.5
+        for block in plan_query_blocks(
+            ql,
+            index,
+            exclude_self=exclude_self,
+            query_block=query_block,
+            max_positives=DEFAULT_BLOCK_POSITIVES // 2,
+        ):
+            qb = Prepared(
+                qp.feats[block.qidx], None if qp.sq_norms is None else qp.sq_norms[block.qidx]
+            )
+            idx = block.qidx.cpu().numpy()
+            valid = (block.offsets[1:] > block.offsets[:-1]).cpu().numpy()
+            counted += int(valid.sum())
+
+            def summarize(
+                s: int, stats: PositiveRanks, idx: np.ndarray = idx, valid: np.ndarray = valid
+            ) -> None:
+                # steps run concurrently: each writes its own row of sums and correct
+                for j, spec in enumerate(specs):
+                    sums[s, j] += float(spec.per_query(stats).cpu().numpy()[valid].sum())
+                correct[s, idx] = np.nan_to_num(hit_spec.per_query(stats).cpu().numpy()) > 0.5
+
+            walk.block(qb, block, summarize, exclude_self=exclude_self)
     if counted == 0:
         raise ValueError("no query has a positive (same-label) item in the gallery")
     values = {spec.name: [float(v) for v in sums[:, j] / counted] for j, spec in enumerate(specs)}
@@ -432,10 +426,19 @@ class _CurveWalk:
     position: torch.Tensor
     switch: torch.Tensor
     n_steps: int
+    workers: Workers
     workspace: Workspace = field(default_factory=Workspace)
 
-    def block(self, qb: Prepared, block: QueryBlock, *, exclude_self: bool) -> list[PositiveRanks]:
-        """One walk over the gallery for a query block; PositiveRanks at every step."""
+    def block(
+        self,
+        qb: Prepared,
+        block: QueryBlock,
+        summarize: Callable[[int, PositiveRanks], T],
+        *,
+        exclude_self: bool,
+    ) -> list[T]:
+        """One walk over the gallery for a query block, then ``summarize(step, ranks)`` of
+        the PositiveRanks at every step (steps run on the worker threads)."""
         dev = qb.feats.device
         y_old, y_new = (positive_scores(qb, g, block) for g in self.galleries_by_class)
         n_pos = y_old.numel()
@@ -447,37 +450,32 @@ class _CurveWalk:
         hist = _StepHistograms(self.n_steps, sp.num_bins, dev)
         if n_pos:
             self._count(qb, block, sp, hist, (y_old, y_new), exclude_self=exclude_self)
+        tie_target, tie_start, tie_stop = hist.tie_targets(sp)
+        items_ge = hist.finish()
         # the positives: at each step each sits at the target of its current state
         sorted_pos = torch.empty_like(sp.source)
         sorted_pos[sp.source] = torch.arange(sp.source.numel(), device=dev)
-        entry = 2 * torch.arange(n_pos, device=dev) + (self.switch[block.pos_col] <= 0)
-        new_at = torch.bincount(self.switch[block.pos_col], minlength=self.n_steps + 1)
-        order_by_switch = torch.argsort(self.switch[block.pos_col], stable=True)
-        bounds = torch.cumsum(new_at, 0).tolist()
+        pos_switch = self.switch[block.pos_col]
         row = block.pos_row
         row_start, row_end = block.offsets[row], sp.offsets[row + 1]
         bin_end = row_end + row + 1  # the next row's bin 0
         n_targets = sp.source.numel()
-        active = torch.zeros(n_targets + 1, dtype=torch.int64, device=dev)
-        act = torch.empty_like(active)  # act[g]: active targets before sorted position g
-        cum = torch.zeros(sp.num_bins + 1, dtype=torch.int64, device=dev)
-        tie_target, tie_start, tie_stop = hist.tie_targets(sp)
         tie_pos = sp.source[tie_target] // 2
         ranks = torch.arange(n_pos, device=dev)
-        out = []
-        for s, items_ge in enumerate(hist.per_step()):
-            # positives switching at this step move to their new target
-            switched = order_by_switch[(bounds[s - 1] if s else 0) : bounds[s]]
-            entry[switched] = 2 * switched + 1
-            where = sorted_pos.index_select(0, entry)
-            active.zero_()
+
+        def step_ranks(s: int) -> T:
+            work = self.workers.workspace()
+            where = sorted_pos.index_select(0, 2 * ranks + (pos_switch <= s))
+            active = work.take("active", n_targets + 1, torch.int64, dev).zero_()
             active.index_fill_(0, where + 1, 1)
-            torch.cumsum(active, 0, out=act)
+            act = torch.cumsum(active, 0, out=active)  # act[g]: active targets before g
             end = act.index_select(0, row_end)
             above = end - act.index_select(0, where + 1)
             tp_ge = end - act.index_select(0, sp.group_start.index_select(0, where))
             # items reaching beyond each positive: tails of the item histogram
-            torch.cumsum(items_ge, 0, out=cum[1:])
+            cum = work.take("cum", sp.num_bins + 1, torch.int64, dev)
+            cum[0] = 0
+            torch.cumsum(items_ge[s], 0, out=cum[1:])
             n_items = cum.index_select(0, bin_end) - cum.index_select(0, where + row + 1)
             rank = n_items + above
             if tie_target.numel():
@@ -486,8 +484,9 @@ class _CurveWalk:
             best_first = torch.empty_like(where)
             best_first[row_start + above] = ranks
             pick = (rank, n_items + tp_ge, tp_ge)
-            out.append(PositiveRanks(block.offsets, *(x[best_first] for x in pick)))
-        return out
+            return summarize(s, PositiveRanks(block.offsets, *(x[best_first] for x in pick)))
+
+        return self.workers.map(step_ranks, range(self.n_steps))
 
     def _count(
         self,
@@ -514,31 +513,35 @@ class _CurveWalk:
         )
         qs = grid.scaled(qb, query=True)
         scaled = [grid.scaled(gp, query=False) for gp in self.galleries]
-        nb = block.qidx.numel()
-        width_max = max(b - a for a, b, _ in self.segments)
-        dev, ws = qb.feats.device, self.workspace
-        buf = ws.take("scores", min(GEMM_ROWS, nb) * width_max, torch.float32, dev)
-        mask = ws.take("mask", min(TILE_ROWS, nb) * width_max, torch.bool, dev)
+        workers, dev = self.workers, qb.feats.device
+        rows = tile_rows(dev)
+        tiles = list(blocks(block.qidx.numel(), rows))
         for seg, (a, b, step) in enumerate(self.segments):
             # always-new pieces cancel in the old state; never-new ones in the new state
             states = [st for st in (0, 1) if (st, step) not in ((0, 0), (1, self.n_steps))]
-            bounds = known.in_tiles(seg, GEMM_ROWS)
-            shared: tuple[list[SharedItems], list[SharedItems]] = ([], [])
-            for t, gr_sl in enumerate(blocks(nb, GEMM_ROWS)):
+            bounds = known.in_tiles(seg, rows)
+
+            def place(
+                t: int,
+                a: int = a,
+                b: int = b,
+                step: int = step,
+                states: list[int] = states,
+                bounds: list[int] = bounds,
+            ) -> None:
+                # both states of a tile in one unit: they count into the same bins
+                r_sl, work = tiles[t], workers.workspace()
+                out = work.take("scores", (r_sl.stop - r_sl.start) * (b - a), torch.float32, dev)
                 for state in states:
-                    sg = score_block(qs, scaled[state], gr_sl, slice(a, b), out=buf)
-                    known.skip(sg, gr_sl.start, a, bounds[t], bounds[t + 1])
-                    floor = floors[state][step]
-                    for r_sl in blocks(gr_sl.stop - gr_sl.start, TILE_ROWS):
-                        row0 = gr_sl.start + r_sl.start
-                        items = grid.locate(sg[r_sl], row0, a, mask, floor)
-                        hist.add(items.positions, step, new=bool(state), bin_range=items.bin_range)
-                        if items.shared is not None:
-                            shared[state].append(items.shared)
-            for state in states:
-                if shared[state]:
-                    placed = grid.settle(SharedItems.cat(shared[state]), self.walk_order)
-                    hist.add(placed, step, new=bool(state))
+                    sg = score_block(qs, scaled[state], r_sl, slice(a, b), out=out)
+                    known.skip(sg, r_sl.start, a, bounds[t], bounds[t + 1])
+                    items = grid.locate(sg, r_sl.start, a, work, floors[state][step])
+                    hist.add_tile(items, step=step, new=bool(state))
+                    if items.shared is not None:
+                        placed = grid.settle(items.shared, self.walk_order)
+                        hist.add(placed, step, new=bool(state))
+
+            workers.map(place, range(len(tiles)))
 
     def _floors(
         self, block: QueryBlock, scores: tuple[torch.Tensor, torch.Tensor], scale: float

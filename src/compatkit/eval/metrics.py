@@ -8,7 +8,10 @@ pre-multiplied by a power of two so every score comes out scaled exactly. Positi
 skipped (they are counted from their canonical scores) and so are items scoring below a
 query's lowest positive; the others are placed among the query's sorted positive scores by a
 bucket table (O(1) per item; only items sharing a bucket with a positive are compared one by
-one) and counted in a histogram per tile, whose tail sums give every count.
+one) and counted in a histogram per tile, whose tail sums give every count. On the CPU the
+tiles of a block are scored and placed on ``torch.get_num_threads()`` worker threads
+(:mod:`compatkit.eval.threads`); tiles own disjoint histogram rows, so results do not depend
+on the thread count.
 
 Metric names (the table :data:`METRICS`): ``map``, ``map@r``, ``map@k`` (e.g. ``map@100``),
 ``cmc@k`` (alias ``recall@k``), ``precision@k``. Every metric averages over the queries that
@@ -43,6 +46,7 @@ from compatkit.eval.retrieval import (
     prepare,
     score_block,
 )
+from compatkit.eval.threads import Workers, Workspace
 from compatkit.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -398,11 +402,11 @@ def positive_scores(qb: Prepared, by_class_gallery: Prepared, block: QueryBlock)
 #: about 2048 × this many). More buckets leave fewer items to compare with positives one by one.
 DEFAULT_BUCKETS_PER_ROW = 4096
 
-#: Query rows scored and placed at once within a block: the tile (rows × chunk) and the work
+#: Query rows one CPU thread scores and places at once: the tile (rows × chunk) and the work
 #: arrays of its candidates stay in cache between the steps.
 TILE_ROWS = 128
 
-#: Query rows scored in one GEMM; its output is then placed TILE_ROWS rows at a time.
+#: Query rows of a tile on other devices (one stream: bigger tiles, fewer kernel launches).
 GEMM_ROWS = 512
 
 
@@ -575,23 +579,6 @@ def _bucket_scale(lo: torch.Tensor, top: float, score_bound: float, per_row: int
     return 2.0 ** max(min(e, e_max), -100)
 
 
-class Workspace:
-    """Work buffers reused from one query block to the next: fresh large arrays cost page
-    faults that are a sizeable part of the walk."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A buffer of ``n`` elements (contents undefined), reusing the one called ``name``."""
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
-            size = max(n, 1) if buf is None else max(n, buf.numel() * 5 // 4)
-            buf = torch.empty(size, dtype=dtype, device=device)
-            self._buffers[name] = buf
-        return buf[:n]
-
-
 class BucketGrid:
     """Exact placement of item scores among a block's sorted positives in O(1) per item.
 
@@ -661,23 +648,24 @@ class BucketGrid:
         s: torch.Tensor,
         row0: int,
         col_start: int,
-        mask: torch.Tensor,
+        work: Workspace,
         lo: torch.Tensor | None = None,
     ) -> TileItems:
         """Bins of the items of a scaled (r, w) score tile (block rows ``row0:row0 + r``,
         gallery items from ``col_start``) that reach a positive; items in buckets holding
         positives get their row's bin 0 and are returned for :meth:`settle`.
 
-        ``mask``: a bool buffer of at least ``s.numel()`` elements. ``lo``: (nb,) scaled
-        per-row thresholds at or above :attr:`lo`, when fewer positives matter; items below
-        are skipped.
+        ``work``: buffers of the calling thread (the result may live in them). ``lo``: (nb,)
+        scaled per-row thresholds at or above :attr:`lo`, when fewer positives matter; items
+        below are skipped.
         """
         lo = self.lo if lo is None else lo
+        mask = work.take("mask", s.numel(), torch.bool, s.device)
         if self._np and numpy_fast_path(s):
-            return self._locate_numpy(s, row0, col_start, mask, lo)
+            return self._locate_numpy(s, row0, col_start, mask, lo, work)
         rows_sl = slice(row0, row0 + s.shape[0])
         width = s.shape[1]
-        m = mask.view(-1)[: s.numel()].view(s.shape)
+        m = mask.view(s.shape)
         torch.ge(s, lo[rows_sl, None], out=m)
         flat = torch.nonzero(m.view(-1)).view(-1)
         bounds = torch.arange(s.shape[0] + 1, device=s.device) * width
@@ -701,18 +689,24 @@ class BucketGrid:
         return TileItems(Positions(bins, empty, empty), flat, counts, shared, bin_range)
 
     def _locate_numpy(
-        self, s: torch.Tensor, row0: int, col_start: int, mask: torch.Tensor, lo: torch.Tensor
+        self,
+        s: torch.Tensor,
+        row0: int,
+        col_start: int,
+        mask: torch.Tensor,
+        lo: torch.Tensor,
+        work: Workspace,
     ) -> TileItems:
         """:meth:`locate` for CPU tensors, in numpy (fewer passes, less per-call overhead),
         into work buffers kept between calls (fewer page faults)."""
         r, width = s.shape
         s_np = s.numpy()
-        m = mask.numpy()[: s.numel()].reshape(r, width)
+        m = mask.numpy().reshape(r, width)
         np.greater_equal(s_np, lo.numpy()[row0 : row0 + r, None], out=m)
         flat = np.flatnonzero(m)
         n = flat.size
         counts = np.diff(np.searchsorted(flat, self._np["row_bounds"][: r + 1] * width))
-        vals_buf, clamp_buf, idx_buf, bins_buf, neg_buf = self._work(n)
+        vals_buf, clamp_buf, idx_buf, bins_buf, neg_buf = _locate_buffers(work, n)
         vals = np.take(s_np.reshape(-1), flat, out=vals_buf, mode="clip")  # in range
         clamped = np.minimum(vals, self._np["top"], out=clamp_buf)
         idx = idx_buf
@@ -739,17 +733,6 @@ class BucketGrid:
             (lo_bin, hi_bin),
         )
 
-    def _work(self, n: int) -> tuple[Any, ...]:
-        """Work buffers of ``n`` items for :meth:`_locate_numpy`."""
-        cpu, ws = torch.device("cpu"), self.workspace
-        return (
-            ws.take("vals", n, torch.float32, cpu).numpy(),
-            ws.take("clamped", n, torch.float32, cpu).numpy(),
-            ws.take("idx", n, torch.int32, cpu).numpy(),
-            ws.take("bins", n, torch.int32, cpu),
-            ws.take("negative", n, torch.bool, cpu).numpy(),
-        )
-
     def settle(self, items: SharedItems, walk_order: torch.Tensor | None = None) -> Positions:
         """Bins of the items set aside by :meth:`locate`: an item in a bucket with one positive
         reaches it or not; with several positives, or tied with one, it is searched
@@ -769,6 +752,23 @@ class BucketGrid:
         exact = locate_exact(self.sp, r, cols, items.vals.index_select(0, todo) / self.scale)
         found[todo] = exact.bin
         return Positions(found, todo[exact.tie_idx], exact.tie_bin)
+
+
+def _locate_buffers(ws: Workspace, n: int) -> tuple[Any, ...]:
+    """Work buffers of ``n`` items for :meth:`BucketGrid._locate_numpy`."""
+    cpu = torch.device("cpu")
+    return (
+        ws.take("vals", n, torch.float32, cpu).numpy(),
+        ws.take("clamped", n, torch.float32, cpu).numpy(),
+        ws.take("idx", n, torch.int32, cpu).numpy(),
+        ws.take("bins", n, torch.int32, cpu),
+        ws.take("negative", n, torch.bool, cpu).numpy(),
+    )
+
+
+def tile_rows(device: torch.device) -> int:
+    """Query rows of one walk tile on ``device``."""
+    return TILE_ROWS if device.type == "cpu" else GEMM_ROWS
 
 
 def max_abs_score(*parts: Prepared) -> float:
@@ -834,23 +834,27 @@ class Counter:
         self.rank_delta = torch.zeros(sp.num_bins, dtype=torch.int64, device=dev)
         self._ones = torch.ones(1 << 16, dtype=torch.int64, device=dev)
 
-    def add(self, pos: Positions, bin_range: tuple[int, int] | None = None) -> None:
-        """Count items at their bins; with ``bin_range`` (lo, hi) the bins are relative to lo
-        (and below hi - lo), as :class:`TileItems` gives them."""
-        n = pos.bin.numel()
-        if self._ones.numel() < n:
-            self._ones = torch.ones(
-                max(n, 2 * self._ones.numel()), dtype=torch.int64, device=pos.bin.device
-            )
-        if bin_range is None:
-            self.hist.index_add_(0, pos.bin, self._ones[:n])
-        elif n:
-            lo, hi = bin_range
-            self.hist[lo:hi] += torch.bincount(pos.bin, minlength=hi - lo)
+    def add(self, pos: Positions) -> None:
+        """Count items at their bins."""
+        self.hist.index_add_(0, pos.bin, self._unit(pos.bin.numel()))
         if pos.tie_idx.numel():
-            ones = self._ones[: pos.tie_idx.numel()]
+            ones = self._unit(pos.tie_idx.numel())
             self.rank_delta.index_add_(0, pos.bin[pos.tie_idx], ones, alpha=-1)
             self.rank_delta.index_add_(0, pos.tie_bin, ones)
+
+    def add_tile(self, items: TileItems) -> None:
+        """Count a located tile's items (no ties; bins relative to its bin range). Tiles of
+        disjoint rows may be added from several threads at once."""
+        if items.positions.bin.numel():
+            lo, hi = items.bin_range
+            self.hist[lo:hi] += torch.bincount(items.positions.bin, minlength=hi - lo)
+
+    def _unit(self, n: int) -> torch.Tensor:
+        if self._ones.numel() < n:
+            self._ones = torch.ones(
+                max(n, 2 * self._ones.numel()), dtype=torch.int64, device=self._ones.device
+            )
+        return self._ones[:n]
 
     def finish(self) -> PositiveRanks:
         return ranks_from_histograms(self.sp, self.hist, self.hist + self.rank_delta)
@@ -907,11 +911,12 @@ def walk_block(
     *,
     exclude_self: bool,
     chunk_size: int,
+    workers: Workers,
     workspace: Workspace | None = None,
 ) -> PositiveRanks:
     """Count, for every positive of a query block, the gallery items above it (one walk).
-    ``gp_by_class``: the gallery in class order (see :func:`by_class`); ``workspace``: buffers
-    shared with the other blocks' walks."""
+    ``gp_by_class``: the gallery in class order (see :func:`by_class`); ``workers``: score
+    and place the tiles; ``workspace``: buffers shared with the other blocks' walks."""
     ng = gp.feats.shape[0]
     score = positive_scores(qb, gp_by_class, block)
     sp = SortedPositives.build(block.offsets, block.pos_row, block.pos_col, score)
@@ -929,20 +934,23 @@ def walk_block(
     starts = list(range(0, ng, chunk_size))
     known = KnownPairs(sp, block.qidx, starts, exclude_self=exclude_self)
     qs, gs = grid.scaled(qb, query=True), grid.scaled(gp, query=False)
-    nb, dev = block.qidx.numel(), qb.feats.device
-    buf = ws.take("scores", min(GEMM_ROWS, nb) * min(chunk_size, ng), torch.float32, dev)
-    mask = ws.take("mask", min(TILE_ROWS, nb) * min(chunk_size, ng), torch.bool, dev)
+    dev = qb.feats.device
+    rows = tile_rows(dev)
+    tiles = list(blocks(block.qidx.numel(), rows))
     shared = []
     for seg, g_sl in enumerate(blocks(ng, chunk_size)):
-        bounds = known.in_tiles(seg, GEMM_ROWS)
-        for t, gr_sl in enumerate(blocks(nb, GEMM_ROWS)):
-            sg = score_block(qs, gs, gr_sl, g_sl, out=buf)
-            known.skip(sg, gr_sl.start, g_sl.start, bounds[t], bounds[t + 1])
-            for r_sl in blocks(gr_sl.stop - gr_sl.start, TILE_ROWS):
-                items = grid.locate(sg[r_sl], gr_sl.start + r_sl.start, g_sl.start, mask)
-                counter.add(items.positions, items.bin_range)
-                if items.shared is not None:
-                    shared.append(items.shared)
+        bounds = known.in_tiles(seg, rows)
+
+        def place(t: int, g_sl: slice = g_sl, bounds: list[int] = bounds) -> SharedItems | None:
+            r_sl, work = tiles[t], workers.workspace()
+            n = (r_sl.stop - r_sl.start) * (g_sl.stop - g_sl.start)
+            sg = score_block(qs, gs, r_sl, g_sl, out=work.take("scores", n, torch.float32, dev))
+            known.skip(sg, r_sl.start, g_sl.start, bounds[t], bounds[t + 1])
+            items = grid.locate(sg, r_sl.start, g_sl.start, work)
+            counter.add_tile(items)
+            return items.shared
+
+        shared += [x for x in workers.map(place, range(len(tiles))) if x is not None]
     if shared:
         counter.add(grid.settle(SharedItems.cat(shared)))
     return counter.finish()
@@ -1002,27 +1010,30 @@ def iter_positive_ranks(
     """Yield (original query indices, their :class:`PositiveRanks`) block by block."""
     gp_by_class = by_class(inputs.gallery, inputs.index)
     workspace = Workspace()
-    for block in plan_query_blocks(
+    blocks_ = plan_query_blocks(
         inputs.query_labels,
         inputs.index,
         exclude_self=exclude_self,
         query_block=query_block,
         max_positives=max_positives,
-    ):
-        qb = Prepared(
-            inputs.query.feats[block.qidx],
-            None if inputs.query.sq_norms is None else inputs.query.sq_norms[block.qidx],
-        )
-        ranks = walk_block(
-            qb,
-            inputs.gallery,
-            gp_by_class,
-            block,
-            exclude_self=exclude_self,
-            chunk_size=chunk_size,
-            workspace=workspace,
-        )
-        yield block.qidx, ranks
+    )
+    with Workers(inputs.query.feats.device) as workers:
+        for block in blocks_:
+            qb = Prepared(
+                inputs.query.feats[block.qidx],
+                None if inputs.query.sq_norms is None else inputs.query.sq_norms[block.qidx],
+            )
+            ranks = walk_block(
+                qb,
+                inputs.gallery,
+                gp_by_class,
+                block,
+                exclude_self=exclude_self,
+                chunk_size=chunk_size,
+                workers=workers,
+                workspace=workspace,
+            )
+            yield block.qidx, ranks
 
 
 def per_query_metrics(

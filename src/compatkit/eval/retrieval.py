@@ -14,6 +14,8 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
+from compatkit.eval.threads import Workers
+
 logger = logging.getLogger(__name__)
 
 Distance = Literal["cosine", "l2"]
@@ -336,9 +338,10 @@ def knn(
     out_idx = np.full((nq, k), -1, dtype=np.int64)
     if k == 1:  # a running best per row: shorter blocks keep the GEMM output in cache
         query_block = min(query_block, TOP1_QUERY_BLOCK)
-    buf = torch.empty(min(query_block, nq) * min(chunk_size, ng), device=dev)
-    for q_sl in blocks(nq, query_block):
+
+    def search(q_sl: slice) -> None:
         nb = q_sl.stop - q_sl.start
+        buf = workers.workspace().take("knn", nb * min(chunk_size, ng), torch.float32, dev)
         # k = 1 keeps a running best (a later chunk wins only with a strictly higher score)
         kept = 1 if k == 1 else 0
         best_s = torch.full((nb, kept), -torch.inf, device=dev)
@@ -367,4 +370,9 @@ def knn(
         best_i = torch.where(torch.isneginf(best_s), -1, best_i)
         out_scores[q_sl, :kk] = best_s.cpu().numpy()
         out_idx[q_sl, :kk] = best_i.cpu().numpy()
+
+    with Workers(dev) as workers:
+        if workers.threads > 1:  # enough blocks to keep every worker busy to the end
+            query_block = min(query_block, max(64, -(-nq // (4 * workers.threads))))
+        workers.map(search, list(blocks(nq, query_block)))
     return KnnResult(out_scores, out_idx)
