@@ -21,7 +21,7 @@ import resource
 import numpy as np
 import torch
 
-from common import Stopwatch
+from common import Stopwatch, print_quantities
 from compatkit.eval.backfill import backfill_curve
 from compatkit.eval.flips import top_k_correct
 from compatkit.eval.metrics import retrieval_metrics
@@ -117,10 +117,7 @@ def main() -> None:
         ),
         ("max NFR", f"{curve.regression['max_nfr']:.4f}"),
     ]
-    width = max(len(r[0]) for r in rows)
-    print(f"| {'quantity':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
-    for name, value in rows:
-        print(f"| {name:<{width}} | {value} |")
+    print_quantities(rows)
 
 
 if __name__ == "__main__":

@@ -36,3 +36,11 @@ def random_model_artifacts(work: Path) -> dict[str, Path]:
             model_version=name, spec=model.spec, embed_dim=128, normalized=True,
             compatible_with=compat, input=spec))
     return paths
+
+
+def print_quantities(rows: list[tuple[str, str]]) -> None:
+    """Print (quantity, value) rows as a two-column markdown table."""
+    width = max(len(name) for name, _ in rows)
+    print(f"| {'quantity':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
+    for name, value in rows:
+        print(f"| {name:<{width}} | {value} |")

@@ -18,7 +18,7 @@ import resource
 import numpy as np
 import torch
 
-from common import Stopwatch
+from common import Stopwatch, print_quantities
 from compatkit.eval.metrics import retrieval_metrics
 
 
@@ -111,10 +111,7 @@ def main() -> None:
         ("peak RSS (GiB, goal < 4)", f"{peak_rss_gib():.2f}"),
         *[(name, f"{value:.4f}") for name, value in result.items()],
     ]
-    width = max(len(r[0]) for r in rows)
-    print(f"| {'quantity':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
-    for name, value in rows:
-        print(f"| {name:<{width}} | {value} |")
+    print_quantities(rows)
 
 
 if __name__ == "__main__":

@@ -71,29 +71,14 @@ def random_problem(seed, *, exclude_self=False, ties=False, ints=False):
 METRICS = ["map", "cmc@1", "cmc@3", "map@r", "map@5", "precision@2"]
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_fast_curve_equals_reranking_from_scratch(seed):
-    exclude_self, ties, ints = seed % 3 == 0, seed % 4 == 1, seed % 2 == 0
-    distance = ["cosine", "l2"][seed % 2]
-    q, ql, go, gn, gl, oq, order = random_problem(
-        seed, exclude_self=exclude_self, ties=ties, ints=ints
-    )
-    fractions = [0, 0.1, 0.3, 0.3, 0.5, 0.77, 1.0]
+def assert_curve_equals_reranking(problem, fractions, *, distance, exclude_self, **knobs):
+    """Every point of the fast curve (metrics and flips against old/old) equals re-ranking the
+    mixed gallery from scratch; a problem without any positive must be refused."""
+    q, ql, go, gn, gl, oq, order = problem
     try:
         curve = backfill_curve(
-            q,
-            ql,
-            go,
-            gn,
-            gl,
-            order,
-            fractions=fractions,
-            metrics=METRICS,
-            distance=distance,
-            exclude_self=exclude_self,
-            old_query=oq,
-            chunk_size=1 + seed,
-            query_block=2 + seed,
+            q, ql, go, gn, gl, order, fractions=fractions, metrics=METRICS, distance=distance,
+            exclude_self=exclude_self, old_query=oq, **knobs,
         )
     except ValueError as exc:
         assert "no query has a positive" in str(exc)
@@ -106,10 +91,20 @@ def test_fast_curve_equals_reranking_from_scratch(seed):
         )
         for name in METRICS:
             assert curve.metrics[name][step] == pytest.approx(want[name], abs=1e-12), (step, name)
-        flips = flip_rates(
-            ref, top_k_correct(q, ql, mixed, gl, distance=distance, exclude_self=exclude_self)
+        now = top_k_correct(q, ql, mixed, gl, distance=distance, exclude_self=exclude_self)
+        assert (curve.nfr[step], curve.pfr[step], curve.nfi[step]) == pytest.approx(
+            flip_rates(ref, now)
         )
-        assert (curve.nfr[step], curve.pfr[step], curve.nfi[step]) == pytest.approx(flips)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fast_curve_equals_reranking_from_scratch(seed):
+    exclude_self, ties, ints = seed % 3 == 0, seed % 4 == 1, seed % 2 == 0
+    problem = random_problem(seed, exclude_self=exclude_self, ties=ties, ints=ints)
+    assert_curve_equals_reranking(
+        problem, [0, 0.1, 0.3, 0.3, 0.5, 0.77, 1.0], distance=["cosine", "l2"][seed % 2],
+        exclude_self=exclude_self, chunk_size=1 + seed, query_block=2 + seed,
+    )
 
 
 def test_end_points_are_cross_and_self_test_exactly():
@@ -221,31 +216,10 @@ def test_partial_fractions_tiny_tiles_equal_reranking(monkeypatch, numpy_on_cpu,
     compute paths: every point still equals re-ranking the mixed gallery from scratch."""
     monkeypatch.setattr(retrieval, "NUMPY_ON_CPU", numpy_on_cpu)
     monkeypatch.setattr(metrics, "TILE_ROWS", 2)
-    monkeypatch.setattr(metrics, "GEMM_ROWS", 5)
     monkeypatch.setattr(backfill, "CURVE_BUCKETS_PER_ROW", 2)
     exclude_self = seed == 5
-    q, ql, go, gn, gl, oq, order = random_problem(
-        seed + 40, exclude_self=exclude_self, ties=True, ints=True
+    problem = random_problem(seed + 40, exclude_self=exclude_self, ties=True, ints=True)
+    assert_curve_equals_reranking(
+        problem, [0.2, 0.35, 0.6, 0.9], distance="l2" if seed % 2 else "cosine",
+        exclude_self=exclude_self, chunk_size=4,
     )
-    fractions = [0.2, 0.35, 0.6, 0.9]
-    distance = "l2" if seed % 2 else "cosine"
-    try:
-        curve = backfill_curve(
-            q, ql, go, gn, gl, order, fractions=fractions, metrics=METRICS, distance=distance,
-            exclude_self=exclude_self, old_query=oq, chunk_size=4,
-        )
-    except ValueError as exc:
-        assert "no query has a positive" in str(exc)
-        return
-    ref = top_k_correct(oq, ql, go, gl, distance=distance, exclude_self=exclude_self)
-    for step, f in enumerate(fractions):
-        mixed = mixed_gallery(go, gn, order, f)
-        want = retrieval_metrics(
-            q, ql, mixed, gl, metrics=METRICS, distance=distance, exclude_self=exclude_self
-        )
-        for name in METRICS:
-            assert curve.metrics[name][step] == pytest.approx(want[name], abs=1e-12), (step, name)
-        now = top_k_correct(q, ql, mixed, gl, distance=distance, exclude_self=exclude_self)
-        assert (curve.nfr[step], curve.pfr[step], curve.nfi[step]) == pytest.approx(
-            flip_rates(ref, now)
-        )

@@ -285,12 +285,11 @@ def _assert_per_query_equal(got, want):
 def test_tiny_tiles_and_few_buckets_still_equal_dense(
     monkeypatch, numpy_on_cpu, distance, exclude_self
 ):
-    """Several GEMMs and tiles per chunk, and so few buckets that most items share a bucket
+    """Several tiles per chunk, and so few buckets that most items share a bucket
     with one or several positives (compared or searched): the numpy path and the torch path
     (other devices) both give the dense reference."""
     monkeypatch.setattr(retrieval, "NUMPY_ON_CPU", numpy_on_cpu)
     monkeypatch.setattr(metrics, "TILE_ROWS", 3)
-    monkeypatch.setattr(metrics, "GEMM_ROWS", 7)
     monkeypatch.setattr(metrics, "DEFAULT_BUCKETS_PER_ROW", 2)
     rng = np.random.default_rng(4)
     g = tied_features(rng, 70, 4)

@@ -98,3 +98,9 @@ def brute_top_k(x: np.ndarray, keys: np.ndarray, q: np.ndarray, k: int):
     s = q @ x.T
     idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(s, idx, 1), keys[idx]
+
+
+def mean_recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over queries of |found ∩ truth| / k, for (nq, k) key tables."""
+    k = truth.shape[1]
+    return float(np.mean([len(set(a) & set(t)) / k for a, t in zip(found, truth, strict=True)]))

@@ -15,7 +15,7 @@ from compatkit.index.backends import check_options, open_backend
 from compatkit.index.qdrant_backend import QdrantBackend, close_clients, safe_name
 from compatkit.index.upgrade import rollback
 
-from .conftest import DIM, brute_top_k, hash_versions, unit_vectors
+from .conftest import DIM, brute_top_k, hash_versions, mean_recall, unit_vectors
 
 #: Qdrant runs in qdrant-client's local mode in memory; a local-mode folder (one SQLite commit
 #: per point, slow) is covered by ``test_qdrant_payloads_alias_and_restart``.
@@ -125,8 +125,7 @@ def test_hnsw_kind_recall(engine, tmp_path):
     _, ref_k = brute_top_k(x[10:], keys[10:], q, 10)
     hits = g.search(q, 10)
     assert not np.isin(hits.keys, keys[:10]).any()
-    recall = np.mean([len(set(a) & set(r)) / 10 for a, r in zip(hits.keys, ref_k, strict=True)])
-    assert recall >= 0.9
+    assert mean_recall(hits.keys, ref_k) >= 0.9
     b.close()
 
 

@@ -190,9 +190,9 @@ class _StepHistograms:
         """A located tile's items (no ties; bins relative to its bin range) in their old
         (``new=False``) or new state, all switching at ``step``: one bincount serves them
         all. Tiles of disjoint rows may be added from several threads at once."""
-        if items.positions.bin.numel():
+        if items.bins.numel():
             lo, hi = items.bin_range
-            c = torch.bincount(items.positions.bin, minlength=hi - lo)
+            c = items.histogram()
             if not new:
                 self.base[lo:hi] += c
                 self.delta[step, lo:hi] -= c

@@ -462,22 +462,18 @@ _SHARED_FIELDS = ("code", "vals", "rows", "cols")
 @dataclass(frozen=True)
 class TileItems:
     """The candidates of one tile: their bins relative to ``bin_range[0]`` (bin 0 of the first
-    row, which counts for nobody, for the ``shared`` items placed later), flat position in the
-    tile and count per tile row. Every bin lies in ``bin_range``. The bins may live in work
-    buffers reused by the next :meth:`BucketGrid.locate` call."""
+    row, which counts for nobody, for the ``shared`` items placed later). Every bin lies in
+    ``bin_range``. The bins may live in work buffers reused by the next
+    :meth:`BucketGrid.locate` call."""
 
-    positions: Positions
-    flat: torch.Tensor
-    row_counts: torch.Tensor
+    bins: torch.Tensor
     shared: SharedItems | None
     bin_range: tuple[int, int]
 
-    def cols(self, width: int) -> torch.Tensor:
-        """(n,) int64 column of each item within the tile."""
-        if width & (width - 1) == 0:
-            return self.flat & (width - 1)
-        starts = torch.arange(self.row_counts.numel(), device=self.flat.device) * width
-        return self.flat - repeat_counts(starts, self.row_counts)
+    def histogram(self) -> torch.Tensor:
+        """(hi - lo,) int64 items per bin of ``bin_range``."""
+        lo, hi = self.bin_range
+        return torch.bincount(self.bins, minlength=hi - lo)
 
 
 def run_bounds(sorted_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -685,8 +681,7 @@ class BucketGrid:
             shared = SharedItems(code, vals.index_select(0, sel), rows + row0, cols)
             bins.index_fill_(0, sel, bin_range[0])
         bins -= bin_range[0]
-        empty = sel[:0]
-        return TileItems(Positions(bins, empty, empty), flat, counts, shared, bin_range)
+        return TileItems(bins, shared, bin_range)
 
     def _locate_numpy(
         self,
@@ -724,14 +719,7 @@ class BucketGrid:
             shared = SharedItems(*(torch.from_numpy(x) for x in (b[sel], vals[sel], rows, cols)))
             b[sel] = lo_bin
         b -= lo_bin
-        empty = torch.from_numpy(sel[:0])
-        return TileItems(
-            Positions(bins, empty, empty),
-            torch.from_numpy(flat),
-            torch.from_numpy(counts),
-            shared,
-            (lo_bin, hi_bin),
-        )
+        return TileItems(bins, shared, (lo_bin, hi_bin))
 
     def settle(self, items: SharedItems, walk_order: torch.Tensor | None = None) -> Positions:
         """Bins of the items set aside by :meth:`locate`: an item in a bucket with one positive
@@ -845,9 +833,9 @@ class Counter:
     def add_tile(self, items: TileItems) -> None:
         """Count a located tile's items (no ties; bins relative to its bin range). Tiles of
         disjoint rows may be added from several threads at once."""
-        if items.positions.bin.numel():
+        if items.bins.numel():
             lo, hi = items.bin_range
-            self.hist[lo:hi] += torch.bincount(items.positions.bin, minlength=hi - lo)
+            self.hist[lo:hi] += items.histogram()
 
     def _unit(self, n: int) -> torch.Tensor:
         if self._ones.numel() < n:
@@ -1010,7 +998,7 @@ def iter_positive_ranks(
     """Yield (original query indices, their :class:`PositiveRanks`) block by block."""
     gp_by_class = by_class(inputs.gallery, inputs.index)
     workspace = Workspace()
-    blocks_ = plan_query_blocks(
+    planned = plan_query_blocks(
         inputs.query_labels,
         inputs.index,
         exclude_self=exclude_self,
@@ -1018,7 +1006,7 @@ def iter_positive_ranks(
         max_positives=max_positives,
     )
     with Workers(inputs.query.feats.device) as workers:
-        for block in blocks_:
+        for block in planned:
             qb = Prepared(
                 inputs.query.feats[block.qidx],
                 None if inputs.query.sq_norms is None else inputs.query.sq_norms[block.qidx],
