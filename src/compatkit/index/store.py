@@ -46,8 +46,10 @@ __all__ = ["DB_NAME", "IndexStore"]
 
 logger = logging.getLogger(__name__)
 
+
 class IndexStore(Database):
-    """A folder holding the SQLite database of versions, relations, collections and jobs.
+    """A store folder: its database, the registry of versions, relations and collections, and
+    this process's caches of embedders, transformations and search structures.
 
     Safe to share between threads (one SQLite connection per thread) and to open from several
     processes at once (WAL; writers wait up to ``busy_timeout_s``).
