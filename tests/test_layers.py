@@ -8,6 +8,7 @@ left out of the cycle check (they never run), but they too must point down the i
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,3 +286,28 @@ def test_index_modules_import_only_lower_layers():
 def test_every_layer_names_a_module(layer):
     base = PACKAGE / "index"
     assert (base / f"{layer}.py").is_file() or (base / layer / "__init__.py").is_file()
+
+
+SQL = re.compile(r"\b(SELECT|INSERT INTO|INSERT OR \w+ INTO|UPDATE \w+ SET|DELETE FROM)\b")
+VECTOR_WRITE = re.compile(r"\b(INSERT INTO|UPDATE|DELETE FROM) (side_)?vectors\b")
+
+
+def _strings(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def test_index_sql_lives_in_db_slots_and_jobs_and_only_slots_writes_vectors():
+    stray, vector_writes = [], []
+    for name, path in all_modules().items():
+        if not name.startswith("compatkit.index"):
+            continue
+        short = name[len("compatkit.index."):]
+        for line, text in _strings(path):
+            if SQL.search(text) and short not in ("db", "slots", "jobs"):
+                stray.append(f"{name}:{line}")
+            if VECTOR_WRITE.search(text) and short != "slots":
+                vector_writes.append(f"{name}:{line}")
+    assert not stray, f"SQL outside db, slots and jobs: {stray}"
+    assert not vector_writes, f"vector rows written outside slots: {vector_writes}"
