@@ -151,11 +151,11 @@ def start_upgrade(
     if new_version == old:
         raise ValueError(f"collection {collection!r} is already served by {new_version!r}")
     phases = plan_phases(store, strategy, old, new_version, ordering, then_refresh,
-                          refresh_ordering, versions, rels)
+                         refresh_ordering, versions, rels)
     options = {"seed": int(seed), "batch_size": batch_size, "temperature": float(temperature),
                "given_order": list(given_order) if given_order is not None else None}
     job = Job(0, collection, old, new_version, strategy, ordering, options, "running",
-               phases, 0, False, 0.0, 0.0, None)
+              phases, 0, False, 0.0, 0.0, None)
     for _ in range(_START_RETRIES):
         with store.read() as con:
             seen = last_change(con, collection)
