@@ -43,6 +43,7 @@ from compatkit.index.db import (
 )
 from compatkit.index.errors import StateConflictError
 from compatkit.index.jobs import (
+    UNFINISHED,
     Batch,
     BatchItem,
     Job,
@@ -347,7 +348,7 @@ def rollback(store: Store, job_id: int) -> UpgradeStatus:
     """
     with store.write() as con:
         job = load_job(con, job_id)
-        if job.state not in ("running", "paused", "completed"):
+        if job.state not in UNFINISHED:
             raise StateConflictError(f"upgrade job {job_id} is {job.state}; only a running, "
                                      "paused or completed upgrade can be rolled back")
         versions, rels = version_map(con), relations(con)
