@@ -354,7 +354,7 @@ def test_an_item_added_while_the_upgrade_is_planned_is_not_skipped(store, monkey
     from compatkit.index import upgrade as up
 
     coll = fill(store, 4)
-    real_plan = up._plan_order
+    real_plan = up.plan_order
     calls = []
 
     def plan_with_a_concurrent_add(*args, **kwargs):
@@ -364,7 +364,7 @@ def test_an_item_added_while_the_upgrade_is_planned_is_not_skipped(store, monkey
         calls.append(1)
         return out
 
-    monkeypatch.setattr(up, "_plan_order", plan_with_a_concurrent_add)
+    monkeypatch.setattr(up, "plan_order", plan_with_a_concurrent_add)
     status = coll.start_upgrade("vB", batch_size=10)
     assert (len(calls), status.total) == (2, 5)  # planned again, with the new item
     assert run_backfill(store, status.job).written == 5

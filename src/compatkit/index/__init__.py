@@ -11,7 +11,6 @@
 Importing this package does not import torch or FastAPI.
 """
 
-from compatkit.index.backends import INDEX_KINDS, BackendOptions
 from compatkit.index.collection import AddResult, Collection, CollectionStats, Item, ItemInput
 from compatkit.index.embedders import (
     ArtifactEmbedder,
@@ -21,18 +20,17 @@ from compatkit.index.embedders import (
     load_source_image,
 )
 from compatkit.index.errors import StateConflictError
+from compatkit.index.jobs import Batch, UpgradeStatus, job_status
+from compatkit.index.options import INDEX_KINDS, BackendOptions
 from compatkit.index.search import Hit, SearchResult
 from compatkit.index.store import IndexStore
 from compatkit.index.upgrade import (
     STRATEGIES,
-    Batch,
     BatchVectors,
-    UpgradeStatus,
     claim_batch,
     commit_batch,
     compute_batch,
     finalize,
-    job_status,
     pause,
     release_claims,
     resume,

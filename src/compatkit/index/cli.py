@@ -127,7 +127,7 @@ def create(
     as_json: JsonOpt = False,
 ) -> None:
     """Create an empty collection served by --version (or by the model --artifact)."""
-    from compatkit.index.backends import BackendOptions  # faiss: not at CLI start-up
+    from compatkit.index.options import BackendOptions  # faiss: not at CLI start-up
 
     options = BackendOptions(kind=index, engine=engine, location=qdrant_location,
                              namespace=namespace, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,

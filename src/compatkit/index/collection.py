@@ -12,30 +12,39 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import numpy as np
 
 from compatkit.errors import IncompatibleSpacesError, UnknownNameError
-from compatkit.index.errors import StateConflictError
-from compatkit.index.search import SearchResult, fetch_hits
-from compatkit.index.store import (
-    _relations,
-    _require_collection,
-    _require_version,
-    _version_map,
-    log_changes,
+from compatkit.index.db import (
+    count_items,
+    item_ids,
+    item_row,
+    relations,
+    require_collection,
+    require_version,
+    side_versions,
     unknown_message,
+    version_map,
 )
-from compatkit.index.vectors import as_vectors, from_blob, to_blob
+from compatkit.index.errors import StateConflictError
+from compatkit.index.jobs import UpgradeStatus, unfinished_job
+from compatkit.index.search import SearchResult, SearchStore, fetch_hits
+from compatkit.index.slots import (
+    NewItem,
+    Slot,
+    delete_items,
+    item_side_versions,
+    item_vectors,
+    vector_counts,
+    write_items,
+)
+from compatkit.index.upgrade import job_status, latest_job, start_upgrade
+from compatkit.index.vectors import as_vectors, from_blob
 from compatkit.index.versions import Relation, VersionInfo, can_search
-
-if TYPE_CHECKING:
-    from compatkit.index.store import IndexStore
-    from compatkit.index.upgrade import UpgradeStatus
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +52,6 @@ MAX_ID_LENGTH = 512
 MAX_METADATA_BYTES = 64 * 1024
 MAX_K = 10_000
 _ADD_RETRIES = 5
-ACTIVE_STATES = ("running", "paused", "completed")
-
-Slot = Literal["current", "previous", "next"]
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,7 @@ class _Prepared:
 class Collection:
     """A handle on one collection of an ``IndexStore`` (cheap to create; holds no state)."""
 
-    def __init__(self, store: IndexStore, name: str) -> None:
+    def __init__(self, store: SearchStore, name: str) -> None:
         self.store, self.name = store, name
 
     def __repr__(self) -> str:
@@ -155,13 +161,12 @@ class Collection:
     def serving_version(self) -> str:
         """The version queries are embedded in and new items are embedded with."""
         with self.store.read() as con:
-            return _require_collection(con, self.name)[0]
+            return require_collection(con, self.name)[0]
 
     def count(self) -> int:
         """The number of items."""
         with self.store.read() as con:
-            return int(con.execute("SELECT count(*) FROM items WHERE collection=?",
-                                   (self.name,)).fetchone()[0])
+            return count_items(con, self.name)
 
     def get(self, item_id: str, *, with_vectors: bool = False) -> Item:
         """The item ``item_id`` with its vectors' slots and versions (values if asked).
@@ -170,51 +175,42 @@ class Collection:
             UnknownNameError: no such item.
         """
         with self.store.read() as con:
-            _require_collection(con, self.name)
-            row = con.execute("SELECT key, source, metadata, revision FROM items "
-                              "WHERE collection=? AND id=?", (self.name, item_id)).fetchone()
+            require_collection(con, self.name)
+            row = item_row(con, self.name, item_id)
             if row is None:
                 raise UnknownNameError(f"collection {self.name!r} has no item {item_id!r}")
-            key = int(row[0])
-            dims = {v.name: v.dim for v in _version_map(con).values()}
-            vecs = con.execute("SELECT slot, version, transformed_from, data FROM vectors "
-                               "WHERE item=?", (key,)).fetchall()
-            sides = [r[0] for r in con.execute("SELECT version FROM side_vectors WHERE item=? "
-                                                "ORDER BY version", (key,))]
+            key = row[0]
+            dims = {v.name: v.dim for v in version_map(con).values()}
+            vecs = item_vectors(con, key)
+            sides = item_side_versions(con, key)
         order = {"current": 0, "previous": 1, "next": 2}
         vectors = tuple(sorted(
             (StoredVector(slot, version, tf,
                           from_blob(data, dims[version]) if with_vectors else None)
              for slot, version, tf, data in vecs), key=lambda v: order[v.slot]))
-        return Item(item_id, row[1], json.loads(row[2]), int(row[3]), vectors, tuple(sides))
+        return Item(item_id, row[1], json.loads(row[2]), row[3], vectors, tuple(sides))
 
     def list_ids(self, *, offset: int = 0, limit: int = 100) -> list[str]:
         """Item ids in insertion order, ``limit`` of them from ``offset``."""
         if offset < 0 or not 1 <= limit <= 10_000:
             raise ValueError(f"offset must be >= 0 and limit in [1, 10000], got {offset}, {limit}")
         with self.store.read() as con:
-            _require_collection(con, self.name)
-            rows = con.execute("SELECT id FROM items WHERE collection=? ORDER BY key "
-                               "LIMIT ? OFFSET ?", (self.name, limit, offset)).fetchall()
-        return [r[0] for r in rows]
+            require_collection(con, self.name)
+            return item_ids(con, self.name, offset, limit)
 
     def stats(self) -> CollectionStats:
         """Item and vector counts, and the active upgrade job if any."""
         with self.store.read() as con:
-            serving, options, _ = _require_collection(con, self.name)
-            items = con.execute("SELECT count(*) FROM items WHERE collection=?",
-                                (self.name,)).fetchone()[0]
-            rows = con.execute(
-                "SELECT v.slot, v.version, v.transformed_from, count(*) FROM vectors v "
-                "JOIN items i ON i.key = v.item WHERE i.collection=? "
-                "GROUP BY v.slot, v.version, v.transformed_from", (self.name,)).fetchall()
-            job = _active_job(con, self.name)
+            serving, options, _ = require_collection(con, self.name)
+            items = count_items(con, self.name)
+            rows = vector_counts(con, self.name)
+            job = unfinished_job(con, self.name)
         current = {(f"{v}<-{tf}" if tf else v): int(n) for s, v, tf, n in rows if s == "current"}
         return CollectionStats(
             self.name, serving, options.kind, int(items), current,
             sum(int(n) for s, _, _, n in rows if s == "previous"),
             sum(int(n) for s, _, _, n in rows if s == "next"),
-            None if job is None else int(job[0]))
+            None if job is None else job.id)
 
     # ------------------------------------------------------------------ search
 
@@ -251,8 +247,8 @@ class Collection:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise ValueError(f"k must be an integer in [1, {MAX_K}], got {k!r}")
         with self.store.read() as con:
-            serving = _require_collection(con, self.name)[0]
-            info = _require_version(con, version or serving)
+            serving = require_collection(con, self.name)[0]
+            info = require_version(con, version or serving)
         if info.kind != "model":
             raise ValueError(f"version {info.name!r} is a {info.kind} model; queries must be "
                              "embeddings of a model version")
@@ -279,7 +275,7 @@ class Collection:
         for _ in range(_ADD_RETRIES):
             state = self._write_state()
             with self.store.read() as con:
-                versions = _version_map(con)
+                versions = version_map(con)
             prepared = [self._prepare(it, state, versions) for it in items]
             self._embed_missing(items, prepared, state)
             with self.store.write() as con:
@@ -290,35 +286,18 @@ class Collection:
 
     def delete(self, ids: Sequence[str]) -> int:
         """Delete items by id with all their vectors; returns how many existed."""
-        ids = list(ids)
         with self.store.write() as con:
-            _require_collection(con, self.name)
-            keys = []
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                keys += [int(r[0]) for r in con.execute(
-                    f"SELECT key FROM items WHERE collection=? AND id IN ({marks})",
-                    [self.name, *chunk])]
-            for start in range(0, len(keys), 500):
-                chunk = keys[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                con.execute(f"DELETE FROM items WHERE key IN ({marks})", chunk)
-            log_changes(con, self.name, keys)
-        return len(keys)
+            require_collection(con, self.name)
+            return delete_items(con, self.name, list(ids))
 
     # ------------------------------------------------------------------ upgrades
 
     def start_upgrade(self, new_version: str, **options: Any) -> UpgradeStatus:
         """Start an upgrade to ``new_version``; see ``compatkit.index.upgrade.start_upgrade``."""
-        from compatkit.index.upgrade import start_upgrade
-
         return start_upgrade(self.store, self.name, new_version, **options)
 
     def upgrade_status(self, job: int | None = None) -> UpgradeStatus:
         """The status of ``job`` (default: the latest job of this collection)."""
-        from compatkit.index.upgrade import job_status, latest_job
-
         return job_status(self.store, latest_job(self.store, self.name) if job is None else job)
 
     # ------------------------------------------------------------------ internals
@@ -327,14 +306,12 @@ class Collection:
         if con is None:
             with self.store.read() as c:
                 return self._write_state(c)
-        serving, _, _ = _require_collection(con, self.name)
-        job = _active_job(con, self.name)
-        sides = con.execute("SELECT value FROM meta WHERE key=?",
-                            (f"side_versions:{self.name}",)).fetchone()
-        side_versions = tuple(json.loads(sides[0])) if sides else ()
+        serving, _, _ = require_collection(con, self.name)
+        job = unfinished_job(con, self.name)
+        sides = side_versions(con, self.name)
         if job is None:
-            return _WriteState(serving, None, None, None, None, side_versions)
-        return _WriteState(serving, int(job[0]), job[1], job[2], job[3], side_versions)
+            return _WriteState(serving, None, None, None, None, sides)
+        return _WriteState(serving, job.id, job.old, job.new, job.strategy, sides)
 
     def _slot_targets(self, state: _WriteState) -> dict[str, str]:
         """slot -> the version whose queries must be able to search that slot's vector."""
@@ -369,7 +346,7 @@ class Collection:
                        state: _WriteState) -> None:
         """Fill every slot's vector: the given vector where it fits, else embed the source."""
         with self.store.read() as con:
-            versions, relations = _version_map(con), _relations(con)
+            versions, rels = version_map(con), relations(con)
         targets = self._slot_targets(state)
         embeddable = {t: self.store.has_embedder(t) for t in targets.values()}
         wanted: dict[str, list[int]] = {}  # version (or "side:" + version) -> rows to embed
@@ -382,9 +359,9 @@ class Collection:
                     wanted.setdefault(target, []).append(row)
                     p.vectors[slot] = (target, _EMBED, _EMPTY)
                 elif given is not None and self._transformable(state, given[0], target,
-                                                               relations):
+                                                               rels):
                     p.vectors[slot] = (given[0], _TRANSFORM, given[2])
-                elif given is not None and can_search(target, given[0], relations, versions):
+                elif given is not None and can_search(target, given[0], rels, versions):
                     p.vectors[slot] = given
                 else:
                     raise _slot_error(p.item, slot, target, given, state)
@@ -404,18 +381,18 @@ class Collection:
                 for slot, (ver, tf, _) in list(prepared[r].vectors.items()):
                     if ver == version and tf == _EMBED:
                         prepared[r].vectors[slot] = (version, None, v)
-        self._apply_transforms(prepared, state, relations)
+        self._apply_transforms(prepared, state, rels)
 
     def _transformable(self, state: _WriteState, old: str, target: str,
-                       relations: list[Relation]) -> bool:
+                       rels: list[Relation]) -> bool:
         return (state.strategy == "transform" and old == state.job_old
                 and target == state.job_new
                 and any(r.kind == "transform" and r.old == old and r.new == target
-                        for r in relations))
+                        for r in rels))
 
     def _apply_transforms(self, prepared: list[_Prepared], state: _WriteState,
-                          relations: list[Relation]) -> None:
-        rel = next((r for r in relations if r.kind == "transform" and r.old == state.job_old
+                          rels: list[Relation]) -> None:
+        rel = next((r for r in rels if r.kind == "transform" and r.old == state.job_old
                     and r.new == state.job_new), None)
         for p in prepared:
             for slot, (ver, tf, vec) in list(p.vectors.items()):
@@ -432,49 +409,9 @@ class Collection:
                 p.vectors[slot] = (rel.new, ver, as_vectors(out, len(out))[0])
 
     def _write(self, con: sqlite3.Connection, prepared: list[_Prepared]) -> AddResult:
-        now = time.time()
-        existing: dict[str, int] = {}
-        ids = [p.item.id for p in prepared]
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            existing.update({r[1]: int(r[0]) for r in con.execute(
-                f"SELECT key, id FROM items WHERE collection=? AND id IN ({marks})",
-                [self.name, *chunk])})
-        replaced = [existing[p.item.id] for p in prepared if p.item.id in existing]
-        if replaced:
-            for start in range(0, len(replaced), 500):
-                chunk = replaced[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                con.execute(f"DELETE FROM vectors WHERE item IN ({marks})", chunk)
-                con.execute(f"DELETE FROM side_vectors WHERE item IN ({marks})", chunk)
-        keys = []
-        vector_rows, side_rows = [], []
-        for p in prepared:
-            key = existing.get(p.item.id)
-            if key is None:
-                cur = con.execute("INSERT INTO items (collection, id, source, metadata, created, "
-                                  "updated) VALUES (?, ?, ?, ?, ?, ?)",
-                                  (self.name, p.item.id, p.item.source, p.metadata, now, now))
-                key = int(cur.lastrowid)
-            else:
-                con.execute("UPDATE items SET source=?, metadata=?, revision=revision+1, "
-                            "updated=? WHERE key=?", (p.item.source, p.metadata, now, key))
-            keys.append(key)
-            for slot, (version, tf, vec) in p.vectors.items():
-                vector_rows.append((key, slot, version, tf, to_blob(vec)))
-            side_rows += [(key, sv, to_blob(v)) for sv, v in p.side.items()]
-        con.executemany("INSERT INTO vectors VALUES (?, ?, ?, ?, ?)", vector_rows)
-        con.executemany("INSERT INTO side_vectors VALUES (?, ?, ?)", side_rows)
-        log_changes(con, self.name, keys)
-        return AddResult(len(prepared) - len(replaced), len(replaced))
-
-
-def _active_job(con: sqlite3.Connection, name: str) -> tuple | None:
-    return con.execute(
-        "SELECT id, old_version, new_version, strategy, state FROM jobs WHERE collection=? "
-        "AND state IN ('running', 'paused', 'completed') ORDER BY id DESC LIMIT 1",
-        (name,)).fetchone()
+        added, replaced = write_items(con, self.name, [
+            NewItem(p.item.id, p.item.source, p.metadata, p.vectors, p.side) for p in prepared])
+        return AddResult(added, replaced)
 
 
 def _known(versions: dict[str, VersionInfo], name: str) -> VersionInfo:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import math
 import os
@@ -44,6 +43,7 @@ import numpy as np
 
 from compatkit.errors import CompatkitError
 from compatkit.index.embedders import Embedder
+from compatkit.index.jobs import load_job, workers_with_claims
 from compatkit.index.store import IndexStore
 from compatkit.index.upgrade import (
     DEFAULT_LEASE_S,
@@ -147,10 +147,7 @@ def worker_device(requested: str, local_rank: int) -> str:
 def claimed_workers(store: IndexStore, job: int, prefix: str) -> list[str]:
     """Names starting with ``prefix`` that hold uncommitted, unreleased claims of ``job``."""
     with store.read() as con:
-        rows = con.execute("SELECT DISTINCT worker FROM job_batches WHERE job=? AND "
-                           "state='claimed' AND claimed > 0 AND substr(worker, 1, ?) = ?",
-                           (int(job), len(prefix), prefix)).fetchall()
-    return sorted(r[0] for r in rows)
+        return workers_with_claims(con, job, prefix)
 
 
 def release_stale(store: IndexStore, job: int, prefix: str) -> int:
@@ -335,9 +332,8 @@ def run_ray_backfill(
 def _turns_left(store: IndexStore, job: int, status: UpgradeStatus) -> int:
     """Batches left in the current phase (at least 1, so a phase not yet planned starts)."""
     with store.read() as con:
-        options = json.loads(con.execute("SELECT options FROM jobs WHERE id=?",
-                                         (int(job),)).fetchone()[0])
-    return max(1, math.ceil(max(status.total - status.done, 0) / int(options["batch_size"])))
+        batch_size = int(load_job(con, job).options["batch_size"])
+    return max(1, math.ceil(max(status.total - status.done, 0) / batch_size))
 
 
 # ------------------------------------------------------------------ torchrun entry point

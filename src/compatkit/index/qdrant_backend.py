@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import secrets
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -35,12 +34,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compatkit.errors import CompatkitError
-from compatkit.index.backends import BackendOptions, GroupHits, GroupKey, check_group_add
+from compatkit.index.db import Database, item_rows
+from compatkit.index.options import BackendOptions, GroupHits, GroupKey, check_group_add
 
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient
-
-    from compatkit.index.store import IndexStore
 
 logger = logging.getLogger(__name__)
 
@@ -115,29 +113,17 @@ def close_clients() -> None:
         _clients.clear()
 
 
-def store_payloads(store: IndexStore) -> PayloadSource:
-    """A ``PayloadSource`` reading each item's id and metadata from ``store``.
+def store_payloads(db: Database) -> PayloadSource:
+    """A ``PayloadSource`` reading each item's id and metadata from ``db``.
 
     Inside the search cache's read transaction (this thread's connection) it reads the same
     snapshot as the vectors being added; elsewhere it opens its own read.
     """
 
-    def read(con: sqlite3.Connection, keys: Sequence[int]) -> dict[int, dict[str, Any]]:
-        out: dict[int, dict[str, Any]] = {}
-        for start in range(0, len(keys), 500):
-            chunk = [int(k) for k in keys[start:start + 500]]
-            marks = ",".join("?" * len(chunk))
-            for key, item_id, meta in con.execute(
-                    f"SELECT key, id, metadata FROM items WHERE key IN ({marks})", chunk):
-                out[int(key)] = {"item": item_id, "metadata": json.loads(meta)}
-        return out
-
     def payloads(keys: Sequence[int]) -> dict[int, dict[str, Any]]:
-        con = store._con()
-        if con.in_transaction:
-            return read(con, keys)
-        with store.read() as fresh:
-            return read(fresh, keys)
+        with db.snapshot() as con:
+            rows = item_rows(con, keys)
+        return {key: {"item": row[0], "metadata": json.loads(row[3])} for key, row in rows.items()}
 
     return payloads
 
@@ -170,15 +156,15 @@ class QdrantBackend:
         self.use_create_vector_name = True
 
     @classmethod
-    def open(cls, store: IndexStore | None, collection: str,
+    def open(cls, db: Database | None, collection: str,
              options: BackendOptions) -> QdrantBackend:
         """The backend of ``collection`` at ``options.location`` (relative to the store)."""
         _models()
         location = options.location or ""
-        client, lock = connect(location, root=None if store is None else store.root)
+        client, lock = connect(location, root=None if db is None else db.root)
         name = safe_name(f"{options.namespace}-{collection}")
-        return cls(client, name, options, payloads=None if store is None else
-                   store_payloads(store), lock=lock, remote=is_remote(location))
+        return cls(client, name, options, payloads=None if db is None else
+                   store_payloads(db), lock=lock, remote=is_remote(location))
 
     @contextmanager
     def call(self) -> Iterator[QdrantClient]:

@@ -15,24 +15,29 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from compatkit.index.backends import BackendOptions, GroupIndex, SearchBackend, open_backend
-from compatkit.index.store import _relations, _require_collection, _version_map, last_change
+from compatkit.index.backends import open_backend
+from compatkit.index.db import (
+    Database,
+    Store,
+    changes_since,
+    item_rows,
+    last_change,
+    last_seq,
+    pruned_seq,
+    relations,
+    require_collection,
+    version_map,
+)
+from compatkit.index.options import BackendOptions, GroupIndex, GroupKey, SearchBackend
+from compatkit.index.slots import current_vectors
 from compatkit.index.vectors import l2_normalize, stack_blobs
 from compatkit.index.versions import Relation, Route, VersionInfo, find_route
 
-if TYPE_CHECKING:
-    from compatkit.index.store import IndexStore
-
 logger = logging.getLogger(__name__)
-
-#: (version whose space the vectors are in, version they were transformed from or None).
-GroupKey = tuple[str, str | None]
-
-_IN_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,7 @@ class SearchCache:
     takes them exclusively, and only when the database changed.
     """
 
-    def __init__(self, store: IndexStore, name: str) -> None:
+    def __init__(self, store: Store, name: str) -> None:
         self.store, self.name = store, name
         self._lock = _ReadWriteLock()
         self._groups: dict[GroupKey, GroupIndex] = {}
@@ -168,10 +173,9 @@ class SearchCache:
 
     def _db_state(self) -> _DbState:
         with self.store.read() as con:
-            serving, options, epoch = _require_collection(con, self.name)
-            row = con.execute("SELECT value FROM meta WHERE key='pruned_seq'").fetchone()
+            serving, options, epoch = require_collection(con, self.name)
             return _DbState(serving, options, epoch, last_change(con, self.name),
-                            int(row[0]) if row else 0, _version_map(con), _relations(con))
+                            pruned_seq(con), version_map(con), relations(con))
 
     def _stale(self, state: _DbState) -> bool:
         return (state.epoch != self._epoch or state.options != self._options
@@ -185,23 +189,18 @@ class SearchCache:
             if not self._stale(state):
                 return  # another thread caught up meanwhile
             with self.store.read() as con:
-                _, options, epoch = _require_collection(con, self.name)
-                row = con.execute("SELECT value FROM meta WHERE key='pruned_seq'").fetchone()
-                pruned = int(row[0]) if row else 0
+                _, options, epoch = require_collection(con, self.name)
+                pruned = pruned_seq(con)
                 if epoch != self._epoch or options != self._options or self._last_seq < pruned:
-                    self._rebuild(con, options, _version_map(con))
+                    self._rebuild(con, options, version_map(con))
                     self._epoch, self._options = epoch, options
                 else:
-                    self._replay(con, _version_map(con))
+                    self._replay(con, version_map(con))
 
     def _rebuild(self, con: Any, options: BackendOptions,
                  versions: dict[str, VersionInfo]) -> None:
-        row = con.execute("SELECT seq FROM sqlite_sequence WHERE name='changes'").fetchone()
-        self._last_seq = int(row[0]) if row else 0
-        rows = con.execute(
-            "SELECT v.item, v.version, v.transformed_from, v.data FROM vectors v "
-            "JOIN items i ON i.key = v.item WHERE i.collection=? AND v.slot='current'",
-            (self.name,)).fetchall()
+        self._last_seq = last_seq(con)
+        rows = current_vectors(con, self.name)
         self._groups, self._where = {}, {}
         self._options = options
         if self._backend is not None:
@@ -213,8 +212,7 @@ class SearchCache:
                     len(rows), len(self._groups))
 
     def _replay(self, con: Any, versions: dict[str, VersionInfo]) -> None:
-        changed = con.execute("SELECT seq, item FROM changes WHERE collection=? AND seq > ? "
-                              "ORDER BY seq", (self.name, self._last_seq)).fetchall()
+        changed = changes_since(con, self.name, self._last_seq)
         if not changed:
             return
         self._last_seq = int(changed[-1][0])
@@ -226,14 +224,7 @@ class SearchCache:
                 by_group[gkey].append(key)
         for gkey, gkeys in by_group.items():
             self._groups[gkey].remove(np.asarray(gkeys, dtype=np.int64))
-        rows = []
-        for start in range(0, len(keys), _IN_CHUNK):
-            chunk = keys[start:start + _IN_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            rows += con.execute(
-                f"SELECT item, version, transformed_from, data FROM vectors "
-                f"WHERE slot='current' AND item IN ({marks})", chunk).fetchall()
-        self._add_rows(rows, versions)
+        self._add_rows(current_vectors(con, self.name, keys), versions)
 
     def _add_rows(self, rows: list[Any], versions: dict[str, VersionInfo]) -> None:
         grouped: dict[GroupKey, tuple[list[int], list[bytes]]] = defaultdict(lambda: ([], []))
@@ -252,21 +243,24 @@ class SearchCache:
             self._where.update(dict.fromkeys(keys, gkey))
 
 
+class SearchStore(Store, Protocol):
+    """A store that keeps a search cache per collection (``IndexStore``)."""
+
+    def search_cache(self, name: str) -> SearchCache: ...
+
+
 def fetch_hits(
-    store: IndexStore, rows: list[tuple[float, int, GroupKey]], *, with_metadata: bool = True,
+    db: Database, rows: list[tuple[float, int, GroupKey]], *, with_metadata: bool = True,
 ) -> tuple[Hit, ...]:
     """Turn (score, key, group) rows into ``Hit``s; items deleted since the search are dropped."""
     if not rows:
         return ()
-    keys = [r[1] for r in rows]
-    marks = ",".join("?" * len(keys))
-    with store.read() as con:
-        found = {int(r[0]): (r[1], r[2]) for r in con.execute(
-            f"SELECT key, id, metadata FROM items WHERE key IN ({marks})", keys)}
+    with db.read() as con:
+        found = item_rows(con, [r[1] for r in rows])
     hits = []
     for score, key, (version, tf) in rows:
         if key in found:
-            item_id, meta = found[key]
+            item_id, meta = found[key][0], found[key][3]
             hits.append(Hit(item_id, float(score), version, tf,
                             json.loads(meta) if with_metadata else {}))
     return tuple(hits)

@@ -1,13 +1,6 @@
-"""The embedded store: one SQLite database (WAL) for versions, relations, items, vectors, jobs.
-
-Every vector is a float32 BLOB in the same row-set and the same transaction as its item, so a
-crash (``kill -9`` at any point) leaves either the whole write or none of it. An item has at
-most one vector per slot (``UNIQUE (item, slot)``):
-
-- ``current``: the vector searches use;
-- ``previous``: the vector it had before an upgrade rewrote it, kept until the upgrade is
-  finalised so that a rollback restores it;
-- ``next``: a vector built aside by a cold upgrade, switched in when the upgrade completes.
+"""The store: a folder's database (``compatkit.index.db``) with its registry of versions,
+relations and collections, and this process's caches of embedders, transformations and search
+structures.
 
 Search structures (FAISS) are per-process caches rebuilt or updated from the ``changes`` log,
 so they never hold state the database does not.
@@ -15,21 +8,32 @@ so they never hold state the database does not.
 
 from __future__ import annotations
 
-import json
 import logging
-import secrets
-import sqlite3
-import threading
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from compatkit.errors import CompatkitError, UnknownNameError
-from compatkit.index.backends import INDEX_KINDS, BackendOptions, check_options, open_backend
+from compatkit.errors import CompatkitError
+from compatkit.index.backends import check_options, open_backend
+from compatkit.index.collection import Collection
+from compatkit.index.db import (
+    DB_NAME,
+    Database,
+    collection_names,
+    delete_collection,
+    insert_collection,
+    insert_relation,
+    insert_version,
+    relations,
+    require_collection,
+    require_version,
+    version_map,
+    version_row,
+)
 from compatkit.index.embedders import ArtifactTransform, Embedder, embedder_from_spec
 from compatkit.index.errors import StateConflictError
+from compatkit.index.options import INDEX_KINDS, BackendOptions
+from compatkit.index.search import SearchCache
 from compatkit.index.versions import (
     Relation,
     Route,
@@ -38,132 +42,14 @@ from compatkit.index.versions import (
     find_route,
 )
 
-if TYPE_CHECKING:
-    from compatkit.index.collection import Collection
-    from compatkit.index.search import SearchCache
+__all__ = ["DB_NAME", "IndexStore"]
 
 logger = logging.getLogger(__name__)
 
-DB_NAME = "index.sqlite3"
-SCHEMA_VERSION = "1"
-#: The ``changes`` log keeps at least this many recent entries; caches older than that rebuild.
-KEEP_CHANGES = 500_000
-PRUNE_EVERY = 100_000
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS versions (
-    name TEXT PRIMARY KEY,
-    dim INTEGER NOT NULL CHECK (dim > 0),
-    normalized INTEGER NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('model', 'side_info')),
-    embedder TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS relations (
-    kind TEXT NOT NULL CHECK (kind IN ('compatible', 'transform')),
-    old TEXT NOT NULL,
-    new TEXT NOT NULL,
-    artifact TEXT,
-    side_version TEXT,
-    origin TEXT NOT NULL,
-    created REAL NOT NULL,
-    PRIMARY KEY (kind, old, new)
-);
-CREATE TABLE IF NOT EXISTS collections (
-    name TEXT PRIMARY KEY,
-    serving_version TEXT NOT NULL REFERENCES versions(name),
-    options TEXT NOT NULL,
-    epoch INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS items (
-    key INTEGER PRIMARY KEY AUTOINCREMENT,
-    collection TEXT NOT NULL REFERENCES collections(name) ON DELETE CASCADE,
-    id TEXT NOT NULL,
-    source TEXT,
-    metadata TEXT NOT NULL,
-    revision INTEGER NOT NULL DEFAULT 1,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    UNIQUE (collection, id)
-);
-CREATE TABLE IF NOT EXISTS vectors (
-    item INTEGER NOT NULL REFERENCES items(key) ON DELETE CASCADE,
-    slot TEXT NOT NULL CHECK (slot IN ('current', 'previous', 'next')),
-    version TEXT NOT NULL,
-    transformed_from TEXT,
-    data BLOB NOT NULL,
-    UNIQUE (item, slot)
-);
-CREATE TABLE IF NOT EXISTS side_vectors (
-    item INTEGER NOT NULL REFERENCES items(key) ON DELETE CASCADE,
-    version TEXT NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (item, version)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS changes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    collection TEXT NOT NULL,
-    item INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS changes_by_collection ON changes (collection, seq);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    collection TEXT NOT NULL REFERENCES collections(name) ON DELETE CASCADE,
-    old_version TEXT NOT NULL,
-    new_version TEXT NOT NULL,
-    strategy TEXT NOT NULL,
-    ordering TEXT NOT NULL,
-    options TEXT NOT NULL,
-    state TEXT NOT NULL
-        CHECK (state IN ('running', 'paused', 'completed', 'rolled_back', 'finalized')),
-    phases TEXT NOT NULL,
-    phase_index INTEGER NOT NULL DEFAULT 0,
-    phase_ready INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    finished REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_by_collection ON jobs (collection, state);
-CREATE TABLE IF NOT EXISTS job_order (
-    job INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-    phase INTEGER NOT NULL,
-    position INTEGER NOT NULL,
-    item INTEGER NOT NULL,
-    PRIMARY KEY (job, phase, position)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS job_phases (
-    job INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-    phase INTEGER NOT NULL,
-    total INTEGER NOT NULL,
-    skipped INTEGER NOT NULL,
-    batch_size INTEGER NOT NULL,
-    next_batch INTEGER NOT NULL DEFAULT 0,
-    done INTEGER NOT NULL DEFAULT 0,
-    written INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0,
-    started REAL NOT NULL,
-    PRIMARY KEY (job, phase)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS job_batches (
-    job INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-    phase INTEGER NOT NULL,
-    batch INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('claimed', 'committed')),
-    worker TEXT NOT NULL,
-    items BLOB NOT NULL,
-    size INTEGER NOT NULL,
-    claimed REAL NOT NULL,
-    committed REAL,
-    PRIMARY KEY (job, phase, batch)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS job_batches_by_state ON job_batches (job, phase, state);
-"""
-
-
-class IndexStore:
-    """A folder holding the SQLite database of versions, relations, collections and jobs.
+class IndexStore(Database):
+    """A store folder: its database, the registry of versions, relations and collections, and
+    this process's caches of embedders, transformations and search structures.
 
     Safe to share between threads (one SQLite connection per thread) and to open from several
     processes at once (WAL; writers wait up to ``busy_timeout_s``).
@@ -183,84 +69,14 @@ class IndexStore:
         embedders: Mapping[str, Embedder] | None = None, device: str = "cpu",
         busy_timeout_s: float = 30.0,
     ) -> None:
-        if synchronous not in ("FULL", "NORMAL"):
-            raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}")
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.path = self.root / DB_NAME
-        self.synchronous = synchronous
         self.device = device
-        self.busy_timeout_s = busy_timeout_s
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
         self._embedders: dict[str, Embedder] = dict(embedders or {})
         self._transforms: dict[str, ArtifactTransform] = {}
         self._caches: dict[str, SearchCache] = {}
         for version, emb in self._embedders.items():
             if emb.version != version:
                 raise ValueError(f"embedder for {version!r} reports version {emb.version!r}")
-        con = self._con()
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    con.execute(statement)
-            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                        (SCHEMA_VERSION,))
-            found = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
-        if found != SCHEMA_VERSION:
-            raise CompatkitError(f"{self.path} has schema version {found}, this code reads "
-                                 f"{SCHEMA_VERSION}")
-
-    # ----------------------------------------------------------------- connections
-
-    def _con(self) -> sqlite3.Connection:
-        con = getattr(self._local, "con", None)
-        if con is None:
-            con = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_s,
-                                  check_same_thread=False)
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute(f"PRAGMA synchronous={self.synchronous}")
-            con.execute("PRAGMA foreign_keys=ON")
-            self._local.con = con
-            with self._lock:
-                self._connections.append(con)
-        return con
-
-    @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (``BEGIN IMMEDIATE``): committed on exit, rolled back on error."""
-        con = self._con()
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            yield con
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
-
-    @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction: every query inside sees one consistent snapshot."""
-        con = self._con()
-        con.execute("BEGIN")
-        try:
-            yield con
-        finally:
-            con.execute("COMMIT")
-
-    def close(self) -> None:
-        """Close every connection this object opened (in any thread)."""
-        with self._lock:
-            for con in self._connections:
-                con.close()
-            self._connections.clear()
-            self._local = threading.local()
+        super().__init__(root, synchronous=synchronous, busy_timeout_s=busy_timeout_s)
 
     # ----------------------------------------------------------------- versions
 
@@ -298,7 +114,7 @@ class IndexStore:
                              f"{spec.get('kind')!r}")
         info = VersionInfo(name, dim, bool(normalized), kind, spec)
         with self.write() as con:
-            existing = _version_row(con, name)
+            existing = version_row(con, name)
             if existing is not None:
                 if existing != info:
                     raise StateConflictError(
@@ -306,14 +122,13 @@ class IndexStore:
                         f"(dim {existing.dim}, normalized {existing.normalized}, "
                         f"kind {existing.kind})")
                 return existing
-            for rel in _relations(con):
+            for rel in relations(con):
                 if rel.kind == "compatible" and name in (rel.old, rel.new):
-                    other = _version_row(con, rel.new if rel.old == name else rel.old)
+                    other = version_row(con, rel.new if rel.old == name else rel.old)
                     if other is not None and other.dim != dim:
                         raise ValueError(f"{rel.describe()} is declared, but {name!r} has "
                                          f"dimension {dim} and {other.name!r} {other.dim}")
-            con.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
-                        (name, dim, int(info.normalized), kind, json.dumps(spec), time.time()))
+            insert_version(con, info)
         return info
 
     def register_artifact(
@@ -347,19 +162,18 @@ class IndexStore:
                                      embedder=spec)
         for old in manifest.compatible_with:
             with self.write() as con:
-                _insert_relation(con, Relation("compatible", old, info.name, origin="manifest"))
+                insert_relation(con, Relation("compatible", old, info.name, origin="manifest"))
         return info
 
     def version(self, name: str) -> VersionInfo:
         """The registered version ``name``. Raises UnknownNameError (with close names)."""
         with self.read() as con:
-            return _require_version(con, name)
+            return require_version(con, name)
 
     def versions(self) -> list[VersionInfo]:
         """Every registered version, by name."""
         with self.read() as con:
-            rows = con.execute("SELECT name FROM versions ORDER BY name").fetchall()
-            return [_require_version(con, r[0]) for r in rows]
+            return list(version_map(con).values())
 
     # ----------------------------------------------------------------- relations
 
@@ -373,12 +187,12 @@ class IndexStore:
         if new == old:
             raise ValueError(f"a version is always compatible with itself ({new!r})")
         with self.write() as con:
-            n, o = _require_version(con, new), _require_version(con, old)
+            n, o = require_version(con, new), require_version(con, old)
             if n.dim != o.dim:
                 raise ValueError(f"{new!r} (dim {n.dim}) cannot be compatible with {old!r} "
                                  f"(dim {o.dim}): the dimensions differ")
             rel = Relation("compatible", old, new, origin="user")
-            _insert_relation(con, rel)
+            insert_relation(con, rel)
         return rel
 
     def declare_transform(
@@ -401,7 +215,7 @@ class IndexStore:
         d_old, d_new = manifest.spec.get("d_old"), manifest.spec.get("d_new")
         d_side = manifest.spec.get("d_side")
         with self.write() as con:
-            o, n = _require_version(con, old), _require_version(con, new)
+            o, n = require_version(con, old), require_version(con, new)
             if (d_old, d_new) != (o.dim, n.dim):
                 raise CompatkitError(f"transformation {artifact} maps {d_old} -> {d_new} dims, "
                                      f"but {old!r} has {o.dim} and {new!r} has {n.dim}")
@@ -412,24 +226,23 @@ class IndexStore:
                 raise CompatkitError(f"transformation {artifact} takes no side-information, "
                                      f"got side_version={side_version!r}")
             if side_version is not None:
-                s = _require_version(con, side_version)
+                s = require_version(con, side_version)
                 if s.dim != d_side:
                     raise CompatkitError(f"side version {side_version!r} has dimension {s.dim}, "
                                          f"the transformation expects {d_side}")
             rel = Relation("transform", old, new, str(artifact), side_version, origin)
-            _insert_relation(con, rel)
+            insert_relation(con, rel)
         return rel
 
     def relations(self) -> list[Relation]:
         """Every declared relation."""
         with self.read() as con:
-            return _relations(con)
+            return relations(con)
 
     def route(self, query_version: str, stored_version: str) -> Route:
         """How a query of one version reaches vectors of another (``versions.find_route``)."""
         with self.read() as con:
-            return find_route(query_version, stored_version, _relations(con),
-                              _version_map(con))
+            return find_route(query_version, stored_version, relations(con), version_map(con))
 
     # ----------------------------------------------------------------- collections
 
@@ -446,8 +259,6 @@ class IndexStore:
             ValueError: a bad name or index kind. UnknownNameError: unknown version.
             StateConflictError: the collection exists.
         """
-        from compatkit.index.collection import Collection
-
         check_name(name, "collection")
         options = BackendOptions(kind=index) if isinstance(index, str) else index
         if options.kind not in INDEX_KINDS:
@@ -455,43 +266,34 @@ class IndexStore:
                              f"{options.kind!r}")
         check_options(options)  # engine, parameters, Qdrant location
         with self.write() as con:
-            info = _require_version(con, version)
+            info = require_version(con, version)
             if info.kind != "model":
                 raise ValueError(f"version {version!r} is a {info.kind} model; a collection is "
                                  "served by a model version")
-            if con.execute("SELECT 1 FROM collections WHERE name=?", (name,)).fetchone():
+            if name in collection_names(con):
                 raise StateConflictError(f"collection {name!r} already exists")
             for sv in side_versions:
-                if _require_version(con, sv).kind != "side_info":
+                if require_version(con, sv).kind != "side_info":
                     raise ValueError(f"side version {sv!r} is not a side_info version")
-            # a random first epoch: caches of a dropped namesake never match it
-            epoch = secrets.randbits(62)
-            con.execute("INSERT INTO collections VALUES (?, ?, ?, ?, ?)",
-                        (name, version, json.dumps(options._asdict()), epoch, time.time()))
-            con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                        (f"side_versions:{name}", json.dumps(list(side_versions))))
+            insert_collection(con, name, version, options, side_versions)
         return Collection(self, name)
 
     def collection(self, name: str) -> Collection:
         """A handle on an existing collection. Raises UnknownNameError (with close names)."""
-        from compatkit.index.collection import Collection
-
         with self.read() as con:
-            _require_collection(con, name)
+            require_collection(con, name)
         return Collection(self, name)
 
     def collection_names(self) -> list[str]:
         """The names of every collection, sorted."""
         with self.read() as con:
-            return [r[0] for r in con.execute("SELECT name FROM collections ORDER BY name")]
+            return collection_names(con)
 
     def drop_collection(self, name: str) -> None:
         """Delete a collection with its items, vectors, jobs and the backend's stored data."""
         with self.write() as con:
-            _, options, _ = _require_collection(con, name)
-            con.execute("DELETE FROM collections WHERE name=?", (name,))
-            con.execute("DELETE FROM meta WHERE key=?", (f"side_versions:{name}",))
-            con.execute("DELETE FROM changes WHERE collection=?", (name,))
+            _, options, _ = require_collection(con, name)
+            delete_collection(con, name)
         with self._lock:
             self._caches.pop(name, None)
         open_backend(self, name, options).drop()  # Qdrant: its collections go too
@@ -533,95 +335,8 @@ class IndexStore:
 
     def search_cache(self, name: str) -> SearchCache:
         """This process's search structures for collection ``name``."""
-        from compatkit.index.search import SearchCache
-
         with self._lock:
             cache = self._caches.get(name)
             if cache is None:
                 cache = self._caches[name] = SearchCache(self, name)
             return cache
-
-
-# --------------------------------------------------------------------- SQL helpers
-
-
-def _version_row(con: sqlite3.Connection, name: str) -> VersionInfo | None:
-    row = con.execute("SELECT name, dim, normalized, kind, embedder FROM versions WHERE name=?",
-                      (name,)).fetchone()
-    if row is None:
-        return None
-    return VersionInfo(row[0], int(row[1]), bool(row[2]), row[3], json.loads(row[4]))
-
-
-def _require_version(con: sqlite3.Connection, name: str) -> VersionInfo:
-    info = _version_row(con, name)
-    if info is None:
-        names = [r[0] for r in con.execute("SELECT name FROM versions ORDER BY name")]
-        raise UnknownNameError(unknown_message("version", name, names))
-    return info
-
-
-def _version_map(con: sqlite3.Connection) -> dict[str, VersionInfo]:
-    rows = con.execute("SELECT name, dim, normalized, kind, embedder FROM versions").fetchall()
-    return {r[0]: VersionInfo(r[0], int(r[1]), bool(r[2]), r[3], json.loads(r[4])) for r in rows}
-
-
-def _relations(con: sqlite3.Connection) -> list[Relation]:
-    rows = con.execute("SELECT kind, old, new, artifact, side_version, origin FROM relations "
-                       "ORDER BY kind, old, new").fetchall()
-    return [Relation(*r) for r in rows]
-
-
-def _insert_relation(con: sqlite3.Connection, rel: Relation) -> None:
-    row = con.execute("SELECT artifact, side_version FROM relations WHERE kind=? AND old=? AND "
-                      "new=?", (rel.kind, rel.old, rel.new)).fetchone()
-    if row is not None:
-        if tuple(row) != (rel.artifact, rel.side_version):
-            raise StateConflictError(f"a different {rel.kind} relation {rel.old} -> {rel.new} "
-                                     "is already declared")
-        return
-    con.execute("INSERT INTO relations VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (rel.kind, rel.old, rel.new, rel.artifact, rel.side_version, rel.origin,
-                 time.time()))
-
-
-def _require_collection(con: sqlite3.Connection, name: str) -> tuple[str, BackendOptions, int]:
-    row = con.execute("SELECT serving_version, options, epoch FROM collections WHERE name=?",
-                      (name,)).fetchone()
-    if row is None:
-        names = [r[0] for r in con.execute("SELECT name FROM collections ORDER BY name")]
-        raise UnknownNameError(unknown_message("collection", name, names))
-    return row[0], BackendOptions(**json.loads(row[1])), int(row[2])
-
-
-def unknown_message(kind: str, name: str, names: Sequence[str]) -> str:
-    """``unknown <kind> '<name>'`` plus the closest known names, if any."""
-    import difflib
-
-    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"unknown {kind} {name!r}{hint}"
-
-
-def log_changes(con: sqlite3.Connection, collection: str, keys: Iterable[int]) -> None:
-    """Record that the current vectors of ``keys`` changed (search caches replay this log)."""
-    rows = [(collection, int(k)) for k in keys]
-    if not rows:
-        return
-    con.executemany("INSERT INTO changes (collection, item) VALUES (?, ?)", rows)
-    last = con.execute("SELECT seq FROM sqlite_sequence WHERE name='changes'").fetchone()[0]
-    if last // PRUNE_EVERY != (last - len(rows)) // PRUNE_EVERY and last > KEEP_CHANGES:
-        frontier = last - KEEP_CHANGES
-        con.execute("DELETE FROM changes WHERE seq <= ?", (frontier,))
-        con.execute("INSERT OR REPLACE INTO meta VALUES ('pruned_seq', ?)", (str(frontier),))
-
-
-def last_change(con: sqlite3.Connection, collection: str) -> int:
-    """The sequence number of the collection's latest logged change (0 if none)."""
-    row = con.execute("SELECT max(seq) FROM changes WHERE collection=?", (collection,)).fetchone()
-    return int(row[0] or 0)
-
-
-def bump_epoch(con: sqlite3.Connection, collection: str) -> None:
-    """Make every search cache of ``collection`` rebuild (after a whole-collection rewrite)."""
-    con.execute("UPDATE collections SET epoch = epoch + 1 WHERE name=?", (collection,))
