@@ -412,7 +412,7 @@ def _run_worker(store: Any, job: int, worker: str) -> Any:
 
 
 def _image_items(folder: Path) -> list:
-    from compatkit.data._files import IMAGE_EXTENSIONS
+    from compatkit.data.files import IMAGE_EXTENSIONS
     from compatkit.index.collection import ItemInput
 
     if not folder.is_dir():

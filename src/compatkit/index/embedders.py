@@ -117,7 +117,7 @@ def load_source_image(source: Source, spec: InputSpec) -> np.ndarray:
     Raises:
         CompatkitError: the source cannot be read or is not an image (``DataRootError``).
     """
-    from compatkit.data._files import decode_image
+    from compatkit.data.files import decode_image
 
     mode = "L" if spec.in_chans == 1 else "RGB"
     where = "image bytes" if isinstance(source, bytes) else f"source {source!r}"
