@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from compatkit.demo import backfill_curves
-from compatkit.eval import BackfillCurve, backfill_curve, backfill_order, retrieval_metrics
+from compatkit.eval import BackfillCurve, backfill_curve, retrieval_metrics
+from compatkit.ordering import backfill_order
 from compatkit.train.loop import load_frozen
 from compatkit.upgrade import sigma_scores
 

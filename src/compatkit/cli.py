@@ -154,8 +154,8 @@ def backfill(
     plot: Annotated[Path | None, typer.Option(help="write the curve as a PNG")] = None,
 ) -> None:
     """Hot-refresh backfilling curve: metrics and flips on the mixed gallery at each fraction."""
-    from compatkit.eval import backfill_curve, backfill_order
-    from compatkit.eval.ordering import load_order
+    from compatkit.eval import backfill_curve
+    from compatkit.ordering import backfill_order, load_order
 
     q = _load_npy(query_features, "query features")
     go = _load_npy(old_gallery_features, "old gallery features")

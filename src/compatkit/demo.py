@@ -21,10 +21,10 @@ from compatkit.eval import (
     BackfillCurve,
     EmbeddingSet,
     backfill_curve,
-    backfill_order,
     compatibility_matrix,
 )
 from compatkit.inference import embed_images
+from compatkit.ordering import backfill_order
 from compatkit.train.config import RunConfig, load_config, merge_trees
 from compatkit.train.loop import load_frozen, train_or_reuse
 from compatkit.train.prepare import evaluation_images

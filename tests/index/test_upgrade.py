@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from compatkit.errors import CompatkitError, IncompatibleSpacesError, UnknownNameError
-from compatkit.eval.ordering import backfill_order
 from compatkit.index import (
     IndexStore,
     ItemInput,
@@ -22,6 +21,7 @@ from compatkit.index import (
     rollback,
     run_backfill,
 )
+from compatkit.ordering import backfill_order
 
 from .conftest import DIM, fill, hash_versions
 
@@ -81,7 +81,7 @@ def test_given_order_then_the_rest_oldest_first(store):
 
 
 def test_uncertainty_order_uses_the_old_classifier(tmp_path, make_model):
-    from compatkit.eval.ordering import uncertainty_scores
+    from compatkit.ordering import uncertainty_scores
 
     st = IndexStore(tmp_path / "s")
     st.register_artifact(make_model("old", num_classes=3))

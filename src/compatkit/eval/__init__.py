@@ -2,7 +2,8 @@
 
 Arrays in, numbers out: features and labels go in, nothing here embeds images. Plots live in
 ``compatkit.eval.plots`` (needs the ``plots`` extra); dataset protocols (GLDv2, ROxford/RParis,
-TAR@FAR) in ``compatkit.eval.protocols``.
+TAR@FAR) in ``compatkit.eval.protocols``. Backfill orderings live in ``compatkit.ordering``
+(shared with the index, numpy only).
 """
 
 from compatkit.eval.backfill import (
@@ -23,12 +24,6 @@ from compatkit.eval.compat import (
 )
 from compatkit.eval.flips import FlipRates, flip_rates, top_k_correct
 from compatkit.eval.metrics import METRICS, per_query_metrics, retrieval_metrics
-from compatkit.eval.ordering import (
-    ORDERINGS,
-    backfill_order,
-    backfill_set,
-    uncertainty_scores,
-)
 from compatkit.eval.retrieval import (
     KnnResult,
     check_features,
@@ -39,7 +34,6 @@ from compatkit.eval.retrieval import (
 
 __all__ = [
     "METRICS",
-    "ORDERINGS",
     "BackfillCurve",
     "CompatibilityMatrix",
     "EmbeddingSet",
@@ -50,8 +44,6 @@ __all__ = [
     "average_compatibility",
     "average_multimodel_accuracy",
     "backfill_curve",
-    "backfill_order",
-    "backfill_set",
     "check_features",
     "check_labels",
     "compatibility_matrix",
@@ -63,6 +55,5 @@ __all__ = [
     "per_query_metrics",
     "retrieval_metrics",
     "top_k_correct",
-    "uncertainty_scores",
     "update_gain",
 ]

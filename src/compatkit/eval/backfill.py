@@ -38,7 +38,6 @@ from compatkit.eval.metrics import (
     positive_scores,
     tile_rows,
 )
-from compatkit.eval.ordering import backfill_count, check_permutation
 from compatkit.eval.retrieval import (
     DEFAULT_QUERY_BLOCK,
     Distance,
@@ -53,6 +52,7 @@ from compatkit.eval.retrieval import (
     score_block,
 )
 from compatkit.eval.threads import Workers, Workspace
+from compatkit.ordering import backfill_count, check_permutation
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def backfill_curve(
         query: (nq, d) new-model query features.     query_labels: (nq,).
         old_gallery, new_gallery: (ng, d) old (or transformed-old) and new features of the
             same items.                               gallery_labels: (ng,).
-        order: (ng,) permutation, e.g. from :func:`compatkit.eval.ordering.backfill_order`.
+        order: (ng,) permutation, e.g. from :func:`compatkit.ordering.backfill_order`.
         fractions: backfill fractions (non-decreasing, in [0, 1]); default ``steps`` equally
             spaced points from 0 to 1 (``steps=22`` reproduces FastFill's grid).
         reference: flips against the old/old system (needs ``old_query``) or against the

@@ -182,7 +182,7 @@ def start_upgrade(
 
     Args:
         strategy: ``hot-refresh``, ``transform`` or ``cold`` (module docstring).
-        ordering: backfill order of the first phase, a name of ``compatkit.eval.ordering``
+        ordering: backfill order of the first phase, a name of ``compatkit.ordering``
             (``random``, ``uncertainty``, ``sigma``, ``given``; not ``oracle``).
         seed: seed of the ``random`` ordering.
         batch_size: items per claimed batch.
@@ -574,7 +574,7 @@ def active_jobs(store: IndexStore) -> list[int]:
 
 
 def _check_ordering(name: str, given_order: Sequence[str] | None) -> None:
-    from compatkit.eval.ordering import ORDERINGS
+    from compatkit.ordering import ORDERINGS
 
     if name in ANALYSIS_ONLY_ORDERINGS:
         raise ValueError(f"ordering {name!r} needs the new vectors of every item and is for "
@@ -686,8 +686,8 @@ def _candidates(con: sqlite3.Connection, job: _Job, phase: Phase,
 
 def _compute_order(store: IndexStore, job: _Job, phase: Phase, eligible: list[_Candidate],
                    versions: dict[str, VersionInfo]) -> np.ndarray:
-    """A permutation of ``range(len(eligible))`` by ``compatkit.eval.ordering``."""
-    from compatkit.eval.ordering import backfill_order
+    """A permutation of ``range(len(eligible))`` by ``compatkit.ordering``."""
+    from compatkit.ordering import backfill_order
 
     n = len(eligible)
     if n == 0:
