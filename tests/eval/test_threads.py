@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from compatkit.eval import metrics
-from compatkit.eval.backfill import backfill_curve
+from compatkit.eval.curve import backfill_curve
 from compatkit.eval.metrics import per_query_metrics
 from compatkit.eval.retrieval import knn
 from compatkit.eval.testing import reference_metrics, tied_features

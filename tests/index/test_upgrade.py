@@ -221,7 +221,7 @@ def test_cold_keeps_serving_the_old_version_until_the_switch(store):
 
 
 def test_transform_then_refresh(tmp_path, make_transformation):
-    from compatkit.upgrade import apply_transformation
+    from compatkit.feature_upgrade import apply_transformation
 
     st = IndexStore(tmp_path / "s")
     hash_versions(st)  # no compatibility: vB serves only after the transform phase
@@ -321,8 +321,8 @@ def test_hot_refresh_needs_compatibility_and_one_job_at_a_time(tmp_path):
 
 
 def test_transformation_with_side_information(tmp_path, make_transformation):
+    from compatkit.feature_upgrade import apply_transformation
     from compatkit.index import HashEmbedder
-    from compatkit.upgrade import apply_transformation
 
     st = IndexStore(tmp_path / "s")
     hash_versions(st)

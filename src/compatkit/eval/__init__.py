@@ -1,4 +1,4 @@
-"""The one metrics engine: exact chunked retrieval metrics, compatibility, backfilling, flips.
+"""The one metrics engine: exact chunked retrieval metrics, compatibility, backfill curves, flips.
 
 Arrays in, numbers out: features and labels go in, nothing here embeds images. Plots live in
 ``compatkit.eval.plots`` (needs the ``plots`` extra); dataset protocols (GLDv2, ROxford/RParis,
@@ -6,13 +6,6 @@ TAR@FAR) in ``compatkit.eval.protocols``. Backfill orderings live in ``compatkit
 (shared with the index, numpy only).
 """
 
-from compatkit.eval.backfill import (
-    BackfillCurve,
-    auc_mean,
-    auc_trapezoid,
-    backfill_curve,
-    mixed_gallery,
-)
 from compatkit.eval.compat import (
     CompatibilityMatrix,
     EmbeddingSet,
@@ -21,6 +14,13 @@ from compatkit.eval.compat import (
     compatibility_matrix,
     is_compatible,
     update_gain,
+)
+from compatkit.eval.curve import (
+    BackfillCurve,
+    auc_mean,
+    auc_trapezoid,
+    backfill_curve,
+    mixed_gallery,
 )
 from compatkit.eval.flips import FlipRates, flip_rates, top_k_correct
 from compatkit.eval.metrics import METRICS, per_query_metrics, retrieval_metrics

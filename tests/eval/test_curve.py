@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from compatkit.eval import backfill, metrics, retrieval
-from compatkit.eval.backfill import (
+from compatkit.eval import curve as curve_module
+from compatkit.eval import metrics, retrieval
+from compatkit.eval.curve import (
     BackfillCurve,
     _walk_segments,
     auc_mean,
@@ -216,7 +217,7 @@ def test_partial_fractions_tiny_tiles_equal_reranking(monkeypatch, numpy_on_cpu,
     compute paths: every point still equals re-ranking the mixed gallery from scratch."""
     monkeypatch.setattr(retrieval, "NUMPY_ON_CPU", numpy_on_cpu)
     monkeypatch.setattr(metrics, "TILE_ROWS", 2)
-    monkeypatch.setattr(backfill, "CURVE_BUCKETS_PER_ROW", 2)
+    monkeypatch.setattr(curve_module, "CURVE_BUCKETS_PER_ROW", 2)
     exclude_self = seed == 5
     problem = random_problem(seed + 40, exclude_self=exclude_self, ties=True, ints=True)
     assert_curve_equals_reranking(
