@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from compatkit.eval import curve as curve_module
-from compatkit.eval import metrics, retrieval
+from compatkit.eval import ranking, retrieval
 from compatkit.eval.curve import (
     BackfillCurve,
     _walk_segments,
@@ -216,7 +216,7 @@ def test_partial_fractions_tiny_tiles_equal_reranking(monkeypatch, numpy_on_cpu,
     new), many tiles, few buckets (items tied with targets, several targets per bucket), both
     compute paths: every point still equals re-ranking the mixed gallery from scratch."""
     monkeypatch.setattr(retrieval, "NUMPY_ON_CPU", numpy_on_cpu)
-    monkeypatch.setattr(metrics, "TILE_ROWS", 2)
+    monkeypatch.setattr(ranking, "TILE_ROWS", 2)
     monkeypatch.setattr(curve_module, "CURVE_BUCKETS_PER_ROW", 2)
     exclude_self = seed == 5
     problem = random_problem(seed + 40, exclude_self=exclude_self, ties=True, ints=True)

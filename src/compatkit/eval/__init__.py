@@ -23,7 +23,8 @@ from compatkit.eval.curve import (
     mixed_gallery,
 )
 from compatkit.eval.flips import FlipRates, flip_rates, top_k_correct
-from compatkit.eval.metrics import METRICS, per_query_metrics, retrieval_metrics
+from compatkit.eval.metric_specs import METRICS
+from compatkit.eval.metrics import per_query_metrics, retrieval_metrics
 from compatkit.eval.retrieval import (
     KnnResult,
     check_features,

@@ -20,20 +20,19 @@ import numpy as np
 import torch
 
 from compatkit.eval.flips import flip_rates, top_k_correct
-from compatkit.eval.metrics import (
+from compatkit.eval.metric_specs import PositiveRanks, parse_metrics
+from compatkit.eval.ranking import (
     DEFAULT_BLOCK_POSITIVES,
     BucketGrid,
     ClassIndex,
     KnownPairs,
     Positions,
-    PositiveRanks,
     QueryBlock,
     SortedPositives,
     TileItems,
     by_class,
     check_exclude_self,
     max_abs_score,
-    parse_metrics,
     plan_query_blocks,
     positive_scores,
     tile_rows,
