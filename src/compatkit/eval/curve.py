@@ -238,7 +238,7 @@ class _StepHistograms:
         return (first + within, *spread)
 
 
-def _walk_segments(counts: Sequence[int], ng: int, chunk_size: int) -> list[tuple[int, int, int]]:
+def walk_segments(counts: Sequence[int], ng: int, chunk_size: int) -> list[tuple[int, int, int]]:
     """The walk over the gallery in backfill order: (start, stop, step) pieces of at most
     ``chunk_size`` positions whose items all switch at ``step`` (position p is new at step s
     when p < counts[s], so it switches at the number of counts <= p)."""
@@ -325,7 +325,7 @@ def backfill_curve(
     walk_order = torch.from_numpy(perm).to(q.device)
     position = torch.empty_like(walk_order)
     position[walk_order] = torch.arange(ng, device=q.device)
-    segments = _walk_segments(counts, ng, chunk_size)
+    segments = walk_segments(counts, ng, chunk_size)
     switch = torch.searchsorted(
         torch.tensor(counts, dtype=torch.int64, device=q.device), position, right=True
     )
