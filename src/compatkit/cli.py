@@ -269,8 +269,8 @@ def demo(
     set_: SetOpt = [],  # noqa: B006
     progress: Annotated[bool, typer.Option(help="show training progress bars")] = True,
 ) -> None:
-    """Train an old model and new models (independent, l2, bct) and print the compatibility
-    matrix; writes report.md, metrics.json and plots into the run folder."""
+    """Lab demo: train an old model and new models (independent, l2, bct) and print the
+    compatibility matrix; writes report.md, metrics.json and plots into the run folder."""
     from compatkit.lab_demo import run_lab_demo
 
     result = run_lab_demo(dataset, root, out, overrides=set_, progress=progress)
