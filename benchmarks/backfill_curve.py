@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from common import Stopwatch, print_quantities
-from compatkit.eval.backfill import backfill_curve
+from compatkit.eval.curve import backfill_curve
 from compatkit.eval.flips import top_k_correct
 from compatkit.eval.metrics import retrieval_metrics
-from compatkit.eval.ordering import backfill_order
+from compatkit.ordering import backfill_order
 
 
 def main() -> None:

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compatkit.demo import backfill_curves
-from compatkit.eval import BackfillCurve, backfill_curve, backfill_order, retrieval_metrics
+from compatkit.eval import BackfillCurve, backfill_curve, retrieval_metrics
+from compatkit.feature_upgrade import sigma_scores
+from compatkit.lab_demo import backfill_curves
+from compatkit.ordering import backfill_order
 from compatkit.train.loop import load_frozen
-from compatkit.upgrade import sigma_scores
 
 METRICS = ["map", "cmc@1"]
 

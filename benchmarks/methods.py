@@ -24,15 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from compatkit.demo import RECIPES, recipe_tree
 from compatkit.errors import MethodNotApplicableError
-from compatkit.eval import backfill_curve, backfill_order, flip_rates, retrieval_metrics
+from compatkit.eval import backfill_curve, flip_rates, retrieval_metrics
 from compatkit.eval.flips import top_k_correct
+from compatkit.feature_upgrade import apply_transformation
 from compatkit.inference import embed_images
+from compatkit.lab_demo import RECIPES, recipe_tree
+from compatkit.ordering import backfill_order
 from compatkit.train.config import load_config, merge_trees
 from compatkit.train.loop import load_frozen, train_or_reuse
 from compatkit.train.prepare import evaluation_images
-from compatkit.upgrade import apply_transformation
 
 METRICS = ["map", "cmc@1", "cmc@5", "map@r"]
 TRANSFORM: dict[str, Any] = {

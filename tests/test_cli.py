@@ -1,4 +1,4 @@
-"""The command line: eval on features made elsewhere, listings, and one-line user errors."""
+"""The command line: eval and curve on features made elsewhere, listings, one-line user errors."""
 
 from __future__ import annotations
 
@@ -75,6 +75,28 @@ def test_eval_user_errors_are_one_line(feature_files, tmp_path):
         assert res.returncode == 2, res
         assert needle.lower() in res.stderr.lower(), res.stderr
         assert "Traceback" not in res.stderr
+
+
+def test_curve_ends_at_the_old_and_new_galleries_and_backfill_is_its_deprecated_name(
+        feature_files, tmp_path):
+    p = feature_files
+    new = tmp_path / "new.npy"  # each item on its class's axis: every query ranks perfectly
+    np.save(new, np.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], dtype=np.float32))
+    args = ["--query-features", str(p["q"]), "--query-labels", str(p["ql"]),
+            "--old-gallery-features", str(p["g"]), "--new-gallery-features", str(new),
+            "--gallery-labels", str(p["gl"]), "--steps", "2", "--json"]
+    res = run_cli("curve", *args)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["fractions"] == [0.0, 1.0]
+    # fraction 0 is `eval` on the old gallery (see test_eval_json_on_npy_features)
+    assert out["map"] == pytest.approx([((0.5 + 0.5) / 2 + (1 + 2 / 3) / 2) / 2, 1.0], abs=1e-6)
+    assert out["cmc@1"] == pytest.approx([0.5, 1.0])
+    old_name = run_cli("backfill", *args)
+    assert old_name.returncode == 0, old_name.stderr
+    assert old_name.stdout == res.stdout
+    assert "`compatkit backfill` is deprecated; use `compatkit curve`" in old_name.stderr
+    assert "deprecated" not in res.stderr
 
 
 def test_listings_name_first():

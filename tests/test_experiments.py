@@ -11,8 +11,8 @@ import torch
 from compatkit.artifacts import FeatureSet, Manifest, read_manifest, save_module
 from compatkit.errors import CompatkitError, IncompatibleSpacesError
 from compatkit.experiments import BiCTSweepRow, bict_sweep, chained_upgrade, format_sweep
+from compatkit.feature_upgrade import upgrade_features
 from compatkit.models import Transformation
-from compatkit.upgrade import upgrade_features
 
 TINY = [
     "data.options={num_classes: 200, images_per_class: 5}", "data.image_size=16",

@@ -6,6 +6,7 @@ User errors exit with status 2 and one line on stderr; ``--json`` prints one JSO
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -127,7 +128,7 @@ def eval_(
 
 
 @app.command()
-def backfill(
+def curve(
     query_features: Annotated[Path, typer.Option(help=".npy (nq, d) new-model queries")],
     old_gallery_features: Annotated[Path, typer.Option(help=".npy (ng, d) stored old features")],
     new_gallery_features: Annotated[Path, typer.Option(help=".npy (ng, d) new features")],
@@ -153,9 +154,10 @@ def backfill(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     plot: Annotated[Path | None, typer.Option(help="write the curve as a PNG")] = None,
 ) -> None:
-    """Hot-refresh backfilling curve: metrics and flips on the mixed gallery at each fraction."""
-    from compatkit.eval import backfill_curve, backfill_order
-    from compatkit.eval.ordering import load_order
+    """Simulated hot-refresh backfill curve: metrics and flips on the mixed gallery at each
+    fraction (features in, no index)."""
+    from compatkit.eval import backfill_curve
+    from compatkit.ordering import backfill_order, load_order
 
     q = _load_npy(query_features, "query features")
     go = _load_npy(old_gallery_features, "old gallery features")
@@ -174,36 +176,44 @@ def backfill(
     perm = backfill_order(order, len(go), **inputs)
     old_query = (_load_npy(old_query_features, "old query features")
                  if old_query_features is not None else go if exclude_self else None)
-    curve = backfill_curve(
+    simulated = backfill_curve(
         q, _load_npy(query_labels, "query labels"), go, gn,
         _load_npy(gallery_labels, "gallery labels"), perm, steps=steps,
         metrics=[m.strip() for m in metrics.split(",") if m.strip()], distance=distance,
         exclude_self=exclude_self, old_query=old_query,
         reference="old_old" if old_query is not None else "previous_step", ordering=order,
     )
-    result = curve.to_json()
+    result = simulated.to_json()
     flat = {"fractions": result["fractions"], **result.pop("metrics"), **{
         k: v for k, v in result.items() if k != "fractions"}}
     if plot is not None:
         from compatkit.eval import retrieval_metrics
         from compatkit.eval.plots import plot_backfill_curves
 
-        first = next(iter(curve.metrics))
+        first = next(iter(simulated.metrics))
         old_old = (retrieval_metrics(old_query, _load_npy(query_labels, "query labels"), go,
                                      _load_npy(gallery_labels, "gallery labels"),
                                      metrics=[first], distance=distance,
                                      exclude_self=exclude_self)[first]
                    if old_query is not None else None)
-        plot_backfill_curves({order: curve}, plot, metric=first, old_old=old_old,
-                             new_new=curve.metrics[first][-1])
+        plot_backfill_curves({order: simulated}, plot, metric=first, old_old=old_old,
+                             new_new=simulated.metrics[first][-1])
     if as_json:
         _out(flat)
     else:
-        for i, frac in enumerate(curve.fractions):
-            values = "  ".join(f"{m}={v[i]:.4f}" for m, v in curve.metrics.items())
-            typer.echo(f"{frac:.3f}  {values}  nfr={curve.nfr[i]:.4f}")
-        for m, auc in curve.auc.items():
+        for i, frac in enumerate(simulated.fractions):
+            values = "  ".join(f"{m}={v[i]:.4f}" for m, v in simulated.metrics.items())
+            typer.echo(f"{frac:.3f}  {values}  nfr={simulated.nfr[i]:.4f}")
+        for m, auc in simulated.auc.items():
             typer.echo(f"auc {m}: trapezoid={auc['trapezoid']:.4f} mean={auc['mean']:.4f}")
+
+
+@app.command("backfill", hidden=True)
+@functools.wraps(curve)
+def backfill_deprecated(*args: Any, **kwargs: Any) -> None:
+    """Deprecated name of ``compatkit curve``."""
+    typer.echo("warning: `compatkit backfill` is deprecated; use `compatkit curve`", err=True)
+    curve(*args, **kwargs)
 
 
 @app.command("upgrade-embeddings")
@@ -218,7 +228,7 @@ def upgrade_embeddings(
 ) -> None:
     """Upgrade stored embeddings with learned transformations, without images."""
     from compatkit.artifacts import load_features, save_features
-    from compatkit.upgrade import upgrade_features
+    from compatkit.feature_upgrade import upgrade_features
 
     side = load_features(side_info) if side_info else None
     fs = upgrade_features(load_features(features), [_artifact_dir(t) for t in transformation],
@@ -259,11 +269,11 @@ def demo(
     set_: SetOpt = [],  # noqa: B006
     progress: Annotated[bool, typer.Option(help="show training progress bars")] = True,
 ) -> None:
-    """Train an old model and new models (independent, l2, bct) and print the compatibility
-    matrix; writes report.md, metrics.json and plots into the run folder."""
-    from compatkit.demo import run_demo
+    """Lab demo: train an old model and new models (independent, l2, bct) and print the
+    compatibility matrix; writes report.md, metrics.json and plots into the run folder."""
+    from compatkit.lab_demo import run_lab_demo
 
-    result = run_demo(dataset, root, out, overrides=set_, progress=progress)
+    result = run_lab_demo(dataset, root, out, overrides=set_, progress=progress)
     typer.echo(result.report.read_text())
     typer.echo(f"report: {result.report}")
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from compatkit.artifacts import FeatureSet
 from compatkit.errors import CompatkitError, IncompatibleSpacesError
-from compatkit.upgrade import upgrade_features
+from compatkit.feature_upgrade import upgrade_features
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score
 
 from compatkit.errors import UnknownNameError
-from compatkit.eval import metrics, retrieval
-from compatkit.eval.metrics import METRICS, parse_metric, per_query_metrics, retrieval_metrics
+from compatkit.eval import ranking, retrieval
+from compatkit.eval.metric_specs import METRICS, parse_metric
+from compatkit.eval.metrics import per_query_metrics, retrieval_metrics
 from compatkit.eval.retrieval import knn, pairwise_scores
 from compatkit.eval.testing import (
     reference_metrics,
@@ -28,9 +29,9 @@ def ranking_problem(rankings, positives, all_ids):
     ids = list(all_ids)
     n = len(ids)
     scores = np.zeros((len(rankings), n), dtype=np.float32)
-    for r, ranking in enumerate(rankings):
-        rest = [i for i in ids if i not in ranking]
-        for pos, item in enumerate(list(ranking) + rest):
+    for r, ranked in enumerate(rankings):
+        rest = [i for i in ids if i not in ranked]
+        for pos, item in enumerate(list(ranked) + rest):
             scores[r, ids.index(item)] = n - pos
     q, g = from_scores(scores)
     q_labels = np.arange(len(rankings))
@@ -289,8 +290,8 @@ def test_tiny_tiles_and_few_buckets_still_equal_dense(
     with one or several positives (compared or searched): the numpy path and the torch path
     (other devices) both give the dense reference."""
     monkeypatch.setattr(retrieval, "NUMPY_ON_CPU", numpy_on_cpu)
-    monkeypatch.setattr(metrics, "TILE_ROWS", 3)
-    monkeypatch.setattr(metrics, "DEFAULT_BUCKETS_PER_ROW", 2)
+    monkeypatch.setattr(ranking, "TILE_ROWS", 3)
+    monkeypatch.setattr(ranking, "DEFAULT_BUCKETS_PER_ROW", 2)
     rng = np.random.default_rng(4)
     g = tied_features(rng, 70, 4)
     gl = rng.integers(0, 5, 70)

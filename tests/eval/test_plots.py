@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from compatkit.eval.backfill import BackfillCurve
 from compatkit.eval.compat import EmbeddingSet, compatibility_matrix
+from compatkit.eval.curve import BackfillCurve
 from compatkit.eval.plots import plot_backfill_curves, plot_compatibility_matrix
 
 PNG = b"\x89PNG\r\n\x1a\n"

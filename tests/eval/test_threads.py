@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from compatkit.eval import metrics
-from compatkit.eval.backfill import backfill_curve
+from compatkit.eval import ranking
+from compatkit.eval.curve import backfill_curve
 from compatkit.eval.metrics import per_query_metrics
 from compatkit.eval.retrieval import knn
 from compatkit.eval.testing import reference_metrics, tied_features
@@ -38,7 +38,7 @@ def tiny_problem(seed):
 def test_walks_equal_on_one_and_several_threads(monkeypatch, torch_threads, seed):
     """Tiny tiles give each worker many tiles: metrics, curves and knn equal the 1-thread
     results and the dense reference exactly."""
-    monkeypatch.setattr(metrics, "TILE_ROWS", 3)
+    monkeypatch.setattr(ranking, "TILE_ROWS", 3)
     q, ql, go, gn, gl, oq, order = tiny_problem(seed)
     runs = {}
     for threads in (1, 3):

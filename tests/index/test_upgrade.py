@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from compatkit.errors import CompatkitError, IncompatibleSpacesError, UnknownNameError
-from compatkit.eval.ordering import backfill_order
 from compatkit.index import (
     IndexStore,
     ItemInput,
@@ -22,6 +21,7 @@ from compatkit.index import (
     rollback,
     run_backfill,
 )
+from compatkit.ordering import backfill_order
 
 from .conftest import DIM, fill, hash_versions
 
@@ -81,7 +81,7 @@ def test_given_order_then_the_rest_oldest_first(store):
 
 
 def test_uncertainty_order_uses_the_old_classifier(tmp_path, make_model):
-    from compatkit.eval.ordering import uncertainty_scores
+    from compatkit.ordering import uncertainty_scores
 
     st = IndexStore(tmp_path / "s")
     st.register_artifact(make_model("old", num_classes=3))
@@ -221,7 +221,7 @@ def test_cold_keeps_serving_the_old_version_until_the_switch(store):
 
 
 def test_transform_then_refresh(tmp_path, make_transformation):
-    from compatkit.upgrade import apply_transformation
+    from compatkit.feature_upgrade import apply_transformation
 
     st = IndexStore(tmp_path / "s")
     hash_versions(st)  # no compatibility: vB serves only after the transform phase
@@ -321,8 +321,8 @@ def test_hot_refresh_needs_compatibility_and_one_job_at_a_time(tmp_path):
 
 
 def test_transformation_with_side_information(tmp_path, make_transformation):
+    from compatkit.feature_upgrade import apply_transformation
     from compatkit.index import HashEmbedder
-    from compatkit.upgrade import apply_transformation
 
     st = IndexStore(tmp_path / "s")
     hash_versions(st)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compatkit.feature_upgrade import sigma_scores
 from compatkit.methods.base import MethodBatch, MethodContext, create_method
 from compatkit.methods.fastfill import (
     FastFill,
@@ -20,7 +21,6 @@ from compatkit.methods.fastfill import (
 )
 from compatkit.methods.fct import FCT, FCTConfig
 from compatkit.models import Transformation
-from compatkit.upgrade import sigma_scores
 
 from .standins import IMAGE_SHAPE, StandinFrozen, StandinModel
 

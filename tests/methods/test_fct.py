@@ -307,9 +307,9 @@ def _embed(artifact_dir, images):
 def test_fct_run_with_side_info_end_to_end(base_runs, tmp_path):
     from compatkit.artifacts import load_module
     from compatkit.eval import retrieval_metrics
+    from compatkit.feature_upgrade import upgrade_features
     from compatkit.train.loop import train
     from compatkit.train.prepare import evaluation_images
-    from compatkit.upgrade import upgrade_features
 
     runs = base_runs
     result = train(tiny_config("name=fct", "method={name: fct, inner: 64}", "train.epochs=2",

@@ -12,9 +12,8 @@ from compatkit.data.base import (
     ImageDataset,
     dataset_mean_std,
     list_datasets,
-    load_dataset,
-    resize_images,
 )
+from compatkit.data.loading import load_dataset, resize_images
 from compatkit.data.sampler import EpochSampler, sequential_batches
 from compatkit.data.splits import (
     SCENARIOS,

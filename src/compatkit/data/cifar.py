@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from compatkit.data._files import is_tar
 from compatkit.data.base import DATASETS, DatasetSource, DatasetSplits, ImageDataset
+from compatkit.data.files import is_tar
 from compatkit.data.imagefolder import read_image_folder
 from compatkit.errors import DataRootError
 

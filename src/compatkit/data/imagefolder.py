@@ -11,8 +11,8 @@ from typing import Literal
 
 import numpy as np
 
-from compatkit.data._files import decode_image, is_tar, iter_image_files, stack_images
 from compatkit.data.base import DATASETS, DatasetSource, DatasetSplits, ImageDataset
+from compatkit.data.files import decode_image, is_tar, iter_image_files, stack_images
 from compatkit.errors import DataRootError
 
 LAYOUT_HELP = (

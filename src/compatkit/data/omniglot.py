@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from compatkit.data._files import decode_image, iter_image_files, stack_images
 from compatkit.data.base import DATASETS, DatasetSource, DatasetSplits, ImageDataset
+from compatkit.data.files import decode_image, iter_image_files, stack_images
 from compatkit.errors import DataRootError
 
 DEFAULT_SUBSETS = ("images_background_small1", "images_background_small2")

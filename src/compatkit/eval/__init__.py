@@ -1,17 +1,11 @@
-"""The one metrics engine: exact chunked retrieval metrics, compatibility, backfilling, flips.
+"""The one metrics engine: exact chunked retrieval metrics, compatibility, backfill curves, flips.
 
 Arrays in, numbers out: features and labels go in, nothing here embeds images. Plots live in
 ``compatkit.eval.plots`` (needs the ``plots`` extra); dataset protocols (GLDv2, ROxford/RParis,
-TAR@FAR) in ``compatkit.eval.protocols``.
+TAR@FAR) in ``compatkit.eval.protocols``. Backfill orderings live in ``compatkit.ordering``
+(shared with the index, numpy only).
 """
 
-from compatkit.eval.backfill import (
-    BackfillCurve,
-    auc_mean,
-    auc_trapezoid,
-    backfill_curve,
-    mixed_gallery,
-)
 from compatkit.eval.compat import (
     CompatibilityMatrix,
     EmbeddingSet,
@@ -21,14 +15,16 @@ from compatkit.eval.compat import (
     is_compatible,
     update_gain,
 )
-from compatkit.eval.flips import FlipRates, flip_rates, top_k_correct
-from compatkit.eval.metrics import METRICS, per_query_metrics, retrieval_metrics
-from compatkit.eval.ordering import (
-    ORDERINGS,
-    backfill_order,
-    backfill_set,
-    uncertainty_scores,
+from compatkit.eval.curve import (
+    BackfillCurve,
+    auc_mean,
+    auc_trapezoid,
+    backfill_curve,
+    mixed_gallery,
 )
+from compatkit.eval.flips import FlipRates, flip_rates, top_k_correct
+from compatkit.eval.metric_specs import METRICS
+from compatkit.eval.metrics import per_query_metrics, retrieval_metrics
 from compatkit.eval.retrieval import (
     KnnResult,
     check_features,
@@ -39,7 +35,6 @@ from compatkit.eval.retrieval import (
 
 __all__ = [
     "METRICS",
-    "ORDERINGS",
     "BackfillCurve",
     "CompatibilityMatrix",
     "EmbeddingSet",
@@ -50,8 +45,6 @@ __all__ = [
     "average_compatibility",
     "average_multimodel_accuracy",
     "backfill_curve",
-    "backfill_order",
-    "backfill_set",
     "check_features",
     "check_labels",
     "compatibility_matrix",
@@ -63,6 +56,5 @@ __all__ = [
     "per_query_metrics",
     "retrieval_metrics",
     "top_k_correct",
-    "uncertainty_scores",
     "update_gain",
 ]

@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from compatkit.eval.metrics import parse_metrics, retrieval_metrics
+from compatkit.eval.metric_specs import parse_metrics
+from compatkit.eval.metrics import retrieval_metrics
 from compatkit.eval.retrieval import (
     DEFAULT_QUERY_BLOCK,
     Distance,

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from compatkit.eval.metrics import check_exclude_self
+from compatkit.eval.ranking import check_exclude_self
 from compatkit.eval.retrieval import (
     DEFAULT_QUERY_BLOCK,
     Distance,

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from compatkit.eval.backfill import BackfillCurve
 from compatkit.eval.compat import CompatibilityMatrix
+from compatkit.eval.curve import BackfillCurve
 
 
 def _figure(**kwargs: Any) -> Any:

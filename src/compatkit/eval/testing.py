@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from compatkit.eval.metrics import parse_metrics
+from compatkit.eval.metric_specs import parse_metrics
 from compatkit.eval.retrieval import Distance, pairwise_scores
 
 
@@ -56,7 +56,7 @@ def reference_metrics(
     exclude_self: bool = False,
     per_query: bool = False,
 ) -> dict[str, Any]:
-    """Every metric of :data:`compatkit.eval.metrics.METRICS`, computed densely per query.
+    """Every metric of :data:`compatkit.eval.metric_specs.METRICS`, computed densely per query.
 
     Returns:
         {name: mean over queries with a positive}, or {name: (nq,) array with NaN for

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from compatkit.errors import CompatkitError
+from compatkit.errors import CompatkitError, UnknownNameError
 
 index_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="A versioned embedding index that serves while it is upgraded.")
@@ -274,7 +274,7 @@ def status(
     out: dict[str, Any] = {"collection": asdict(st.collection(name).stats())}
     try:
         out["upgrade"] = job_status(st, job or latest_job(st, name)).as_dict()
-    except KeyError:
+    except UnknownNameError:
         out["upgrade"] = None
     if as_json:
         typer.echo(json.dumps(out, default=str))
@@ -412,7 +412,7 @@ def _run_worker(store: Any, job: int, worker: str) -> Any:
 
 
 def _image_items(folder: Path) -> list:
-    from compatkit.data._files import IMAGE_EXTENSIONS
+    from compatkit.data.files import IMAGE_EXTENSIONS
     from compatkit.index.collection import ItemInput
 
     if not folder.is_dir():

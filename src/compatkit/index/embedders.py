@@ -117,7 +117,7 @@ def load_source_image(source: Source, spec: InputSpec) -> np.ndarray:
     Raises:
         CompatkitError: the source cannot be read or is not an image (``DataRootError``).
     """
-    from compatkit.data._files import decode_image
+    from compatkit.data.files import decode_image
 
     mode = "L" if spec.in_chans == 1 else "RGB"
     where = "image bytes" if isinstance(source, bytes) else f"source {source!r}"
@@ -177,7 +177,7 @@ class ArtifactEmbedder:
 class ArtifactTransform:
     """Applies a transformation artifact (BiCT, FCT, FastFill) to stored vectors.
 
-    Thin wrapper over ``compatkit.upgrade.apply_transformation`` and ``sigma_scores``.
+    Thin wrapper over ``compatkit.feature_upgrade.apply_transformation`` and ``sigma_scores``.
 
     Args:
         directory: the artifact folder of a ``kind="transformation"`` manifest.
@@ -203,7 +203,7 @@ class ArtifactTransform:
         Raises:
             ValueError: wrong shapes, NaN/inf, or side-information missing or unexpected.
         """
-        from compatkit.upgrade import apply_transformation
+        from compatkit.feature_upgrade import apply_transformation
 
         return apply_transformation(self.module, old, side, batch_size=self.batch_size,
                                     normalize=self.manifest.normalized)
@@ -214,7 +214,7 @@ class ArtifactTransform:
         Raises:
             ValueError: the transformation has no σ head.
         """
-        from compatkit.upgrade import sigma_scores
+        from compatkit.feature_upgrade import sigma_scores
 
         return sigma_scores(self.module, old, side, batch_size=self.batch_size)
 

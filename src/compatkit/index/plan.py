@@ -1,7 +1,7 @@
 """Planning an upgrade: its phases (by strategy) and the backfill order of each phase.
 
 A phase covers the items that still lack the new vector in its target slot; it orders them
-with ``compatkit.eval.ordering`` (``random``, ``given``, ``uncertainty`` by the old model's
+with ``compatkit.ordering`` (``random``, ``given``, ``uncertainty`` by the old model's
 classifier, ``sigma`` by the transformation's uncertainty head).
 """
 
@@ -28,7 +28,7 @@ def check_ordering(name: str, given_order: Sequence[str] | None) -> None:
     Raises:
         UnknownNameError: unknown ordering. ValueError: ``oracle``, or ``given`` without ids.
     """
-    from compatkit.eval.ordering import ORDERINGS
+    from compatkit.ordering import ORDERINGS
 
     if name in ANALYSIS_ONLY_ORDERINGS:
         raise ValueError(f"ordering {name!r} needs the new vectors of every item and is for "
@@ -118,8 +118,8 @@ def plan_order(store: Store, job: Job, p: int) -> tuple[list[int], int]:
 
 def _compute_order(store: Store, job: Job, phase: Phase, eligible: list[Candidate],
                    versions: dict[str, VersionInfo]) -> np.ndarray:
-    """A permutation of ``range(len(eligible))`` by ``compatkit.eval.ordering``."""
-    from compatkit.eval.ordering import backfill_order
+    """A permutation of ``range(len(eligible))`` by ``compatkit.ordering``."""
+    from compatkit.ordering import backfill_order
 
     n = len(eligible)
     if n == 0:

@@ -115,7 +115,7 @@ def start_upgrade(
 
     Args:
         strategy: ``hot-refresh``, ``transform`` or ``cold`` (module docstring).
-        ordering: backfill order of the first phase, a name of ``compatkit.eval.ordering``
+        ordering: backfill order of the first phase, a name of ``compatkit.ordering``
             (``random``, ``uncertainty``, ``sigma``, ``given``; not ``oracle``).
         seed: seed of the ``random`` ordering.
         batch_size: items per claimed batch.

@@ -3,10 +3,10 @@ new model's space (reference methods.md §2.5).
 
 Stage one is ``bct`` with ``weight = λ_b``; stage two (this method) trains ψ: R^{d_o} → R^{d_n}
 on the training images so that ψ(φ_o(x)) ≈ φ_n(x), then stored gallery embeddings are upgraded
-without images (``compatkit.upgrade``) and sequential upgrades chain ψ's. The paper's exact loss
-is [to verify against the paper]; per the reference this is a regression term (MSE, optionally
-cosine) plus an optional classification term through the frozen new classifier (weight 0 by
-default). ψ is FCT's MLP without side-information, trained with FCT's BN switch.
+without images (``compatkit.feature_upgrade``) and sequential upgrades chain ψ's. The paper's
+exact loss is [to verify against the paper]; per the reference this is a regression term (MSE,
+optionally cosine) plus an optional classification term through the frozen new classifier
+(weight 0 by default). ψ is FCT's MLP without side-information, trained with FCT's BN switch.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ fct-fastfill-peers.md §2.2. The transformation gets a head ``s(x) = log σ(x)``
 
 whose optimum s* = log(ℓ/(2μ_unc)) makes s a monotone predictor of the alignment loss, computable
 from stored old features (and side-information) alone: backfill the largest s first
-(``compatkit.upgrade.sigma_scores``). With ``sigma_dim = d_new`` the scalar ℓ(x) is broadcast
-over the σ outputs and the mean runs over samples and outputs (the reference's μ_unc·mean(s)).
+(``compatkit.feature_upgrade.sigma_scores``). With ``sigma_dim = d_new`` the scalar ℓ(x) is
+broadcast over the σ outputs and the mean runs over samples and outputs (the reference's
+μ_unc·mean(s)).
 """
 
 from __future__ import annotations

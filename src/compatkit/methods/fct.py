@@ -2,7 +2,8 @@
 
 Forward Compatible Training (fct-fastfill-peers.md §1.1, §1.4, §1.5): with φ_old, φ_new and the
 side-information model ψ frozen, train h so that h(φ_old(x), ψ(x)) ≈ φ_new(x) by MSE on the
-augmented training images, then upgrade the stored gallery without images (``compatkit.upgrade``).
+augmented training images, then upgrade the stored gallery without images
+(``compatkit.feature_upgrade``).
 The frozen features are what each model's ``embed`` returns, i.e. exactly the stored vectors.
 From ``freeze_bn_epoch`` on (default half the epochs) the transformation trains in eval mode, so
 BatchNorm uses and no longer updates its running statistics (ml-fct's ``switch_mode_to_eval``).

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from compatkit.errors import DataRootError
-from compatkit.eval.protocols._common import PathLike, Ragged, require_file
+from compatkit.eval.protocols.common import PathLike, Ragged, require_file
 from compatkit.eval.retrieval import Distance, check_features, knn
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from compatkit.errors import DataRootError
-from compatkit.eval.protocols._common import PathLike, Ragged, require_file
+from compatkit.eval.protocols.common import PathLike, Ragged, require_file
 from compatkit.eval.retrieval import Distance, check_features, check_positive_int, knn
 
 logger = logging.getLogger(__name__)

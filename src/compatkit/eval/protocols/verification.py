@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from compatkit.errors import IncompatibleSpacesError
-from compatkit.eval.protocols._common import PathLike, require_file
+from compatkit.eval.protocols.common import PathLike, require_file
 from compatkit.eval.retrieval import check_features, check_positive_int
 
 logger = logging.getLogger(__name__)

@@ -13,6 +13,8 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
+from compatkit.errors import UnknownNameError
+
 if TYPE_CHECKING:
     from compatkit.index.store import IndexStore
 
@@ -115,7 +117,7 @@ def _store_metrics(store: IndexStore) -> list[str]:
                            f"{_labels(collection=name, version=version)} {n}")
         try:
             st = job_status(store, latest_job(store, name))
-        except KeyError:
+        except UnknownNameError:
             continue
         labels = _labels(collection=name, job=st.job, state=st.state)
         upgrades.append(f"compatkit_upgrade_fraction{labels} {st.fraction:.6f}")

@@ -20,25 +20,23 @@ import numpy as np
 import torch
 
 from compatkit.eval.flips import flip_rates, top_k_correct
-from compatkit.eval.metrics import (
+from compatkit.eval.metric_specs import PositiveRanks, parse_metrics
+from compatkit.eval.ranking import (
     DEFAULT_BLOCK_POSITIVES,
     BucketGrid,
     ClassIndex,
     KnownPairs,
     Positions,
-    PositiveRanks,
     QueryBlock,
     SortedPositives,
     TileItems,
     by_class,
     check_exclude_self,
     max_abs_score,
-    parse_metrics,
     plan_query_blocks,
     positive_scores,
     tile_rows,
 )
-from compatkit.eval.ordering import backfill_count, check_permutation
 from compatkit.eval.retrieval import (
     DEFAULT_QUERY_BLOCK,
     Distance,
@@ -53,6 +51,7 @@ from compatkit.eval.retrieval import (
     score_block,
 )
 from compatkit.eval.threads import Workers, Workspace
+from compatkit.ordering import backfill_count, check_permutation
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +238,7 @@ class _StepHistograms:
         return (first + within, *spread)
 
 
-def _walk_segments(counts: Sequence[int], ng: int, chunk_size: int) -> list[tuple[int, int, int]]:
+def walk_segments(counts: Sequence[int], ng: int, chunk_size: int) -> list[tuple[int, int, int]]:
     """The walk over the gallery in backfill order: (start, stop, step) pieces of at most
     ``chunk_size`` positions whose items all switch at ``step`` (position p is new at step s
     when p < counts[s], so it switches at the number of counts <= p)."""
@@ -278,7 +277,7 @@ def backfill_curve(
         query: (nq, d) new-model query features.     query_labels: (nq,).
         old_gallery, new_gallery: (ng, d) old (or transformed-old) and new features of the
             same items.                               gallery_labels: (ng,).
-        order: (ng,) permutation, e.g. from :func:`compatkit.eval.ordering.backfill_order`.
+        order: (ng,) permutation, e.g. from :func:`compatkit.ordering.backfill_order`.
         fractions: backfill fractions (non-decreasing, in [0, 1]); default ``steps`` equally
             spaced points from 0 to 1 (``steps=22`` reproduces FastFill's grid).
         reference: flips against the old/old system (needs ``old_query``) or against the
@@ -326,7 +325,7 @@ def backfill_curve(
     walk_order = torch.from_numpy(perm).to(q.device)
     position = torch.empty_like(walk_order)
     position[walk_order] = torch.arange(ng, device=q.device)
-    segments = _walk_segments(counts, ng, chunk_size)
+    segments = walk_segments(counts, ng, chunk_size)
     switch = torch.searchsorted(
         torch.tensor(counts, dtype=torch.int64, device=q.device), position, right=True
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compatkit.demo import demo_config, run_demo
+from compatkit.lab_demo import demo_config, run_lab_demo
 from compatkit.train.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
@@ -24,7 +24,7 @@ def test_shipped_recipes_equal_the_demo_stages(stage):
 
 def test_tiny_demo_writes_matrix_report_and_plots(tmp_path):
     torch.set_num_threads(1)
-    result = run_demo(
+    result = run_lab_demo(
         "synthetic", None, tmp_path, progress=False,
         overrides=["train.epochs=1", "data.options={num_classes: 200, images_per_class: 6}",
                    "data.image_size=16", "model.width=0.125", "train.batch_size=64"],
@@ -47,7 +47,7 @@ def test_tiny_demo_writes_matrix_report_and_plots(tmp_path):
     for png in ("compatibility.png", "backfill_bct.png", "backfill_l2.png"):
         assert (tmp_path / png).stat().st_size > 1000
     # a second run reuses every stage trained with the same config
-    again = run_demo("synthetic", None, tmp_path, progress=False, overrides=[
+    again = run_lab_demo("synthetic", None, tmp_path, progress=False, overrides=[
         "train.epochs=1", "data.options={num_classes: 200, images_per_class: 6}",
         "data.image_size=16", "model.width=0.125", "train.batch_size=64"])
     assert set(again.metrics["train_seconds"].values()) == {0.0}

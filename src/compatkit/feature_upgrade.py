@@ -100,7 +100,7 @@ def sigma_scores(
 ) -> np.ndarray:
     """FastFill's predicted log-uncertainty s(x) per item (mean over σ outputs).
 
-    Higher = more uncertain = backfill first (``compatkit.eval.ordering``'s ``sigma`` policy).
+    Higher = more uncertain = backfill first (``compatkit.ordering``'s ``sigma`` policy).
     Shapes: old_feats (N, d_old), side_feats (N, d_side) | None -> (N,) float32.
 
     Raises:

@@ -5,14 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from compatkit.eval import backfill, metrics, retrieval
-from compatkit.eval.backfill import (
+from compatkit.eval import curve as curve_module
+from compatkit.eval import ranking, retrieval
+from compatkit.eval.curve import (
     BackfillCurve,
-    _walk_segments,
     auc_mean,
     auc_trapezoid,
     backfill_curve,
     mixed_gallery,
+    walk_segments,
 )
 from compatkit.eval.flips import flip_rates, top_k_correct
 from compatkit.eval.metrics import retrieval_metrics
@@ -203,9 +204,9 @@ def test_reference_gallery_defines_the_old_old_system_for_transformed_starts():
 
 def test_walk_segments_split_at_switch_steps_and_chunks():
     # counts: positions < counts[s] are new at step s, so p switches at #{s: counts[s] <= p}
-    pieces = _walk_segments([0, 3, 3, 7], 10, 2)
+    pieces = walk_segments([0, 3, 3, 7], 10, 2)
     assert pieces == [(0, 2, 1), (2, 3, 1), (3, 5, 3), (5, 7, 3), (7, 9, 4), (9, 10, 4)]
-    assert _walk_segments([0, 10], 10, 4) == [(0, 4, 1), (4, 8, 1), (8, 10, 1)]
+    assert walk_segments([0, 10], 10, 4) == [(0, 4, 1), (4, 8, 1), (8, 10, 1)]
 
 
 @pytest.mark.parametrize("numpy_on_cpu", [True, False])
@@ -215,8 +216,8 @@ def test_partial_fractions_tiny_tiles_equal_reranking(monkeypatch, numpy_on_cpu,
     new), many tiles, few buckets (items tied with targets, several targets per bucket), both
     compute paths: every point still equals re-ranking the mixed gallery from scratch."""
     monkeypatch.setattr(retrieval, "NUMPY_ON_CPU", numpy_on_cpu)
-    monkeypatch.setattr(metrics, "TILE_ROWS", 2)
-    monkeypatch.setattr(backfill, "CURVE_BUCKETS_PER_ROW", 2)
+    monkeypatch.setattr(ranking, "TILE_ROWS", 2)
+    monkeypatch.setattr(curve_module, "CURVE_BUCKETS_PER_ROW", 2)
     exclude_self = seed == 5
     problem = random_problem(seed + 40, exclude_self=exclude_self, ties=True, ints=True)
     assert_curve_equals_reranking(

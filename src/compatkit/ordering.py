@@ -1,5 +1,6 @@
 """Backfilling orders: which gallery items get re-embedded first (methods.md §3,
-fct-fastfill-peers.md §2.3).
+fct-fastfill-peers.md §2.3). Shared by the lab (``compatkit.eval``'s backfill curve) and the
+index's upgrade jobs; numpy only, so the server imports it without torch or the metrics engine.
 
 Every ordering returns a permutation of ``range(ng)``; the backfill set at fraction p is its
 first ``⌊p·ng⌋`` items, so the sets are prefix-closed. Score-based orders sort descending and
@@ -28,7 +29,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from compatkit.eval.retrieval import check_features
 from compatkit.registry import Registry
 
 UncertaintyKind = Literal["entropy", "least_confidence", "margin"]
@@ -38,6 +38,32 @@ OrderingFn = Callable[..., np.ndarray]
 
 #: Ordering name → function ``(n_gallery, *, <its inputs>) -> permutation``.
 ORDERINGS: Registry[OrderingFn] = Registry("backfill ordering")
+
+
+def _check_features(x: Any, name: str) -> np.ndarray:
+    """Validate a feature matrix and return it as float32 numpy (as ``compatkit.eval`` does).
+
+    Raises:
+        TypeError: ``x`` is not floating point.
+        ValueError: ``x`` is not 2-D, has no columns, or holds NaN/inf (the first bad row named).
+    """
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (n, d) feature array, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
+    if arr.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one feature column, got shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    finite_rows = np.isfinite(arr).all(axis=1)
+    if not finite_rows.all():
+        bad_rows = np.flatnonzero(~finite_rows)
+        row = int(bad_rows[0])
+        raise ValueError(
+            f"{name} holds non-finite values (NaN or inf) in {bad_rows.size} row(s), "
+            f"first at row {row}: {arr[row][~np.isfinite(arr[row])][:3].tolist()}"
+        )
+    return arr
 
 
 def _check_n(n: int) -> int:
@@ -92,8 +118,8 @@ def uncertainty_scores(
     Raises:
         ValueError: shape mismatch, non-positive temperature or unknown kind.
     """
-    feats = check_features(old_features, "old_features").astype(np.float64)
-    w = check_features(classifier, "classifier").astype(np.float64)
+    feats = _check_features(old_features, "old_features").astype(np.float64)
+    w = _check_features(classifier, "classifier").astype(np.float64)
     if w.shape[1] != feats.shape[1]:
         raise ValueError(
             f"dimension mismatch: old_features has shape {feats.shape} and classifier has "
@@ -149,8 +175,8 @@ def sigma_order(n: int, *, sigma: Any) -> np.ndarray:
 def oracle_order(n: int, *, new_features: Any, old_features: Any) -> np.ndarray:
     """Largest ‖new − old‖ first; needs the new features, so for analysis only."""
     n = _check_n(n)
-    new = check_features(new_features, "new_features").astype(np.float64)
-    old = check_features(old_features, "old_features").astype(np.float64)
+    new = _check_features(new_features, "new_features").astype(np.float64)
+    old = _check_features(old_features, "old_features").astype(np.float64)
     if new.shape != old.shape:
         raise ValueError(
             f"new_features has shape {new.shape} but old_features has {old.shape}; the oracle "

@@ -1,5 +1,6 @@
-"""The end-to-end demo: an old model, a new independent model and new compatible models,
-compared with the field's compatibility matrix on one dataset.
+"""The lab demo (``compatkit demo``): an old model, a new independent model and new compatible
+models, compared with the field's compatibility matrix and simulated backfill curves on one
+dataset. The system demo, a live index upgraded while it serves, is ``compatkit.index.demo``.
 
 Every stage is an ordinary training run (the one loop) in its own folder under ``out_dir``;
 a stage whose folder already holds a model trained with the same config is reused.
@@ -21,10 +22,10 @@ from compatkit.eval import (
     BackfillCurve,
     EmbeddingSet,
     backfill_curve,
-    backfill_order,
     compatibility_matrix,
 )
 from compatkit.inference import embed_images
+from compatkit.ordering import backfill_order
 from compatkit.train.config import RunConfig, load_config, merge_trees
 from compatkit.train.loop import load_frozen, train_or_reuse
 from compatkit.train.prepare import evaluation_images
@@ -93,7 +94,7 @@ def recipe_tree(dataset: str, root: str | None, side: str) -> dict[str, Any]:
     return merge_trees(base, {"data": {"name": dataset, "root": root, "side": side}})
 
 
-def run_demo(
+def run_lab_demo(
     dataset: str = "synthetic", root: str | None = None, out_dir: str | Path = "runs/demo", *,
     methods: Sequence[str] = ("independent", "l2", "bct"), overrides: Sequence[str] = (),
     progress: bool = True,

@@ -8,8 +8,8 @@ import torch
 
 from compatkit.artifacts import FeatureSet, Manifest, load_features, save_features, save_module
 from compatkit.errors import CompatkitError, IncompatibleSpacesError
+from compatkit.feature_upgrade import apply_transformation, sigma_scores, upgrade_features
 from compatkit.models import Transformation
-from compatkit.upgrade import apply_transformation, sigma_scores, upgrade_features
 
 
 def _trained_like(t: Transformation, seed: int) -> Transformation:

@@ -1,12 +1,14 @@
 """Backfilling orders: uncertainty values (case 13), determinism, prefix-closed sets."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from compatkit.errors import UnknownNameError
-from compatkit.eval.ordering import (
+from compatkit.ordering import (
     ORDERINGS,
     backfill_count,
     backfill_order,
@@ -125,3 +127,19 @@ def test_backfill_sets_are_prefix_closed():
     assert backfill_count(100, 0.29) == 29  # float slack
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         backfill_count(10, 1.5)
+
+
+def test_feature_inputs_are_checked():
+    with pytest.raises(ValueError, match=r"old_features holds non-finite values .* first at row 1"):
+        uncertainty_scores(np.array([[1.0, 0.0], [np.nan, 0.0]]), np.eye(2))
+    with pytest.raises(TypeError, match="classifier must be a floating-point array"):
+        uncertainty_scores(np.ones((2, 2)), np.eye(2, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"new_features must be a 2-D \(n, d\) feature array"):
+        backfill_order("oracle", 2, new_features=np.ones(2), old_features=np.ones((2, 1)))
+
+
+def test_orderings_import_neither_torch_nor_the_metrics_engine():
+    code = ("import sys, compatkit.ordering; "
+            "print(sorted(m for m in ('torch', 'compatkit.eval') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
