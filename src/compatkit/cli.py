@@ -18,6 +18,7 @@ import click
 import numpy as np
 import typer
 
+from compatkit.adapters.cli import adapt_app
 from compatkit.errors import CompatkitError
 from compatkit.index.cli import index_app
 from compatkit.index.cli import serve as index_serve
@@ -25,6 +26,7 @@ from compatkit.index.cli import serve as index_serve
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Upgrade the embedding model behind a retrieval system.")
 app.add_typer(index_app, name="index")
+app.add_typer(adapt_app, name="adapt")
 app.command("serve")(index_serve)
 
 SetOpt = Annotated[list[str], typer.Option("--set", help="config override key.path=value",

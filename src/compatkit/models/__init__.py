@@ -1,9 +1,11 @@
 """Backbones, embedding and classifier heads, the embedding model, transformations, side-info.
 
-Importing this package registers every backbone and classifier head.
+Importing this package registers every backbone, classifier head and transformation
+architecture.
 """
 
 from compatkit.models import resnet as resnet  # registers the ResNet backbones
+from compatkit.models.adapter_maps import AffineMap, ResidualTransformation
 from compatkit.models.backbones import (
     BACKBONES,
     TimmBackbone,
@@ -27,6 +29,7 @@ from compatkit.models.pooling import GeM, create_pooling
 from compatkit.models.resnet import BasicBlock, Bottleneck, ResNet
 from compatkit.models.side_info import SideInfoModel, create_side_info_model
 from compatkit.models.transformation import (
+    TRANSFORMATIONS,
     Transformation,
     TransformOutput,
     create_transformation,
@@ -35,6 +38,8 @@ from compatkit.models.transformation import (
 __all__ = [
     "BACKBONES",
     "CLASSIFIERS",
+    "TRANSFORMATIONS",
+    "AffineMap",
     "ArcFaceClassifier",
     "BasicBlock",
     "Bottleneck",
@@ -48,6 +53,7 @@ __all__ = [
     "LinearClassifier",
     "ModelOutput",
     "ResNet",
+    "ResidualTransformation",
     "SideInfoModel",
     "TimmBackbone",
     "TransformOutput",

@@ -12,15 +12,26 @@ Defaults: old_hidden = 2·d_old, side_hidden = 2·d_side, branch_dim = 2·d_new,
 (ml-fct instead feeds the old feature twice). FastFill adds ``Linear(d_new → sigma_dim)`` on the
 transformed feature, predicting the per-sample log-uncertainty ``s(x)`` (§2.2). BiCT uses the
 same module without side-info (methods.md §2.5).
+
+``TRANSFORMATIONS`` maps an architecture name to its class so that ``create_transformation``
+rebuilds any transformation artifact from its manifest's spec: a spec without an
+``architecture`` key is this FCT MLP (``"fct_mlp"``); other modules (the adapters of
+``compatkit.models.adapter_maps``) register themselves and put their name in their spec.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from compatkit.registry import Registry
+
+TRANSFORMATIONS: Registry[Callable[..., nn.Module]] = Registry("transformation architecture")
+DEFAULT_ARCHITECTURE = "fct_mlp"
 
 
 class TransformOutput(NamedTuple):
@@ -152,6 +163,11 @@ class Transformation(nn.Module):
             )
 
 
-def create_transformation(**spec: Any) -> Transformation:
-    """Build a ``Transformation`` from its ``spec`` (the constructor keywords)."""
-    return Transformation(**spec)
+TRANSFORMATIONS.add(DEFAULT_ARCHITECTURE, Transformation)
+
+
+def create_transformation(**spec: Any) -> nn.Module:
+    """Build a transformation from its ``spec``: the constructor keywords, plus the registered
+    ``architecture`` name for modules other than FCT's MLP (unknown names raise with the list)."""
+    architecture = spec.pop("architecture", DEFAULT_ARCHITECTURE)
+    return TRANSFORMATIONS.get(architecture)(**spec)
