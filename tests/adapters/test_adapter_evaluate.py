@@ -63,7 +63,7 @@ def test_exact_query_adapter_keeps_old_old(clusters):
 
 
 def test_exact_gallery_adapter_keeps_the_whole_upgrade(clusters):
-    old, new, labels = clusters
+    old, _, labels = clusters
     new_small = old @ np.diag([1.0, 3.0, 0.2, 1.0]) + 1.0  # an affine, non-isometric image
     fitted = fit_adapter(old, new_small, "linear", "old-to-new", options=FitOptions(ridge=0))
     report = evaluate_adapter(fitted.module, old, new_small, "old-to-new", labels=labels)
