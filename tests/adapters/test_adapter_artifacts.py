@@ -119,3 +119,30 @@ def test_adapters_chain(tmp_path):
     out = upgrade_features(features("v1", v1), [a12, a23])
     assert out.manifest.model_version == "v3"
     assert np.abs(out.features - v1 @ q12 @ q23).max() < 1e-5
+
+
+def test_index_upgrades_a_collection_through_a_gallery_adapter(tmp_path):
+    from compatkit.index import HashEmbedder, IndexStore, ItemInput, run_backfill
+
+    store = IndexStore(tmp_path / "store")
+    store.register_version("vA", dim=8, embedder=HashEmbedder("vA", 8, seed=0))
+    store.register_version("vB", dim=6, embedder=HashEmbedder("vB", 6, seed=1))
+    coll = store.create_collection("c", "vA")
+    coll.add([ItemInput(f"i{i}", vector=unit(np.random.default_rng(i).normal(size=(1, 8)))[0])
+              for i in range(30)])
+    old = np.stack([coll.get(f"i{i}", with_vectors=True).current.vector for i in range(30)])
+    from compatkit.adapters.io import Vectors
+
+    rng = np.random.default_rng(9)
+    fitted = fit_adapter(Vectors(old, version="vA"), Vectors(unit(old @ rng.normal(size=(8, 6))),
+                                                             version="vB"),
+                         "linear", "old-to-new")
+    store.register_artifact(save_adapter(fitted, tmp_path / "adapter"))
+    job = coll.start_upgrade("vB", strategy="transform").job
+    assert run_backfill(store, job).state == "completed"
+    assert coll.serving_version == "vB"
+    got = coll.get("i3", with_vectors=True).current
+    assert (got.version, got.transformed_from) == ("vB", "vA")
+    expected = fitted.module(torch.from_numpy(old[3:4])).embedding.detach().numpy()[0]
+    np.testing.assert_allclose(got.vector, expected / np.linalg.norm(expected), atol=1e-5)
+    store.close()
