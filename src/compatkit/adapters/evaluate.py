@@ -52,11 +52,6 @@ def neighbour_overlap(query_a: np.ndarray, gallery_a: np.ndarray, query_b: np.nd
     return float(np.mean(shared / k))
 
 
-def adapt(module: nn.Module, vectors: np.ndarray, side: np.ndarray | None = None) -> np.ndarray:
-    """Apply an adapter (any transformation module) to (n, d_in) vectors -> (n, d_out)."""
-    return apply_transformation(module, vectors, side)
-
-
 @dataclass(frozen=True)
 class AdapterReport:
     """Held-out quality of one adapter; each metric dict is {metric name: value}."""
@@ -107,7 +102,8 @@ def evaluate_adapter(
         raise CompatkitError(f"the adapter maps {module.d_in}-d to {module.d_out}-d vectors "
                              f"({direction}), but the held-out source vectors are {source.dim}-d "
                              f"and the target ones {target.dim}-d")
-    mapped = adapt(module, source.features, None if side_v is None else side_v.features)
+    mapped = apply_transformation(module, source.features,
+                                  None if side_v is None else side_v.features)
     o, n = old_v.features, new_v.features
     query, gallery = (n, mapped) if direction == "old-to-new" else (mapped, o)
 
