@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import numpy as np
 import typer
 
@@ -349,22 +348,45 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
         raise CompatkitError(f"cannot read {what} from {path}: {err}") from None
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of a user error on one line; a pydantic error without the rejected input
+    (which may be a secret)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        text = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" if e["loc"]
+                         else e["msg"] for e in exc.errors(include_url=False, include_input=False))
+    elif isinstance(exc, typer.TyperException):
+        text = exc.format_message()
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            text += f" (see `{ctx.command_path} --help`)"
+    else:
+        text = str(exc)
+    return " ".join(text.split())
+
+
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit status 2."""
+    """Console entry point: user errors (bad input, and usage errors such as an unknown command,
+    option or a bad option value) become one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as exc:
+        code = app(standalone_mode=False)  # --help returns 0 here
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         sys.exit(1)
-    except (CompatkitError, ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except typer.TyperException as exc:  # typer's own click: usage errors, unreadable files
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, and success
+            typer.echo(exc.format_message())
+            sys.exit(0)
+        typer.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(2)
+    except (CompatkitError, ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {_one_line(exc)}", err=True)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

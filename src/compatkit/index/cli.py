@@ -8,6 +8,7 @@ object. Mounted by ``compatkit.cli`` as ``app.add_typer(index_app, name="index")
 
 from __future__ import annotations
 
+import datetime
 import json
 import signal
 import threading
@@ -29,7 +30,8 @@ StoreOpt = Annotated[Path, typer.Option("--store", envvar="COMPATKIT_INDEX_STORE
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
 JobOpt = Annotated[int | None, typer.Option("--job", help="job id (default: the latest)")]
 DEFAULT_STORE = Path("index-store")
-ADD_CHUNK = 256
+#: Fields of a job status printed as ISO-8601 UTC times (epoch seconds in --json).
+TIME_FIELDS = ("created", "updated", "finished")
 
 
 def _open(store: Path, *, create: bool = False) -> Any:
@@ -46,6 +48,9 @@ def _echo(obj: dict[str, Any], as_json: bool) -> None:
         typer.echo(json.dumps(obj, default=str))
     else:
         for key, value in obj.items():
+            if key.rsplit(".", 1)[-1] in TIME_FIELDS and isinstance(value, float):
+                value = datetime.datetime.fromtimestamp(value, datetime.timezone.utc).isoformat(
+                    timespec="seconds")
             typer.echo(f"{key}\t{value}")
 
 
@@ -153,7 +158,8 @@ def add(
         help="one item per line: {id, source?, metadata?, vector?, version?}")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add items from an image folder, a features file or a JSON-lines file."""
+    """Add items from an image folder, a features file or a JSON-lines file: all or none (a
+    bad item leaves the collection as it was)."""
     from compatkit.index.collection import ItemInput
 
     if sum(x is not None for x in (images, features, jsonl)) != 1:
@@ -167,12 +173,12 @@ def add(
         items = _feature_items(st, features)
     else:
         items = _jsonl_items(jsonl)  # type: ignore[arg-type]
-    added = replaced = 0
-    for start in range(0, len(items), ADD_CHUNK):
-        res = coll.add(items[start:start + ADD_CHUNK])
-        added, replaced = added + res.added, replaced + res.replaced
-    _echo({"collection": name, "added": added, "replaced": replaced, "items": coll.count()},
-          as_json)
+    try:
+        res = coll.add(items)  # embeds in chunks, writes in one transaction
+    except ValueError as err:  # CompatkitError included
+        raise CompatkitError(f"{err}; nothing was added") from None
+    _echo({"collection": name, "added": res.added, "replaced": res.replaced,
+           "items": coll.count()}, as_json)
 
 
 @index_app.command("search")
@@ -272,10 +278,13 @@ def status(
 
     st = _open(store)
     out: dict[str, Any] = {"collection": asdict(st.collection(name).stats())}
-    try:
-        out["upgrade"] = job_status(st, job or latest_job(st, name)).as_dict()
-    except UnknownNameError:
-        out["upgrade"] = None
+    if job is not None:
+        out["upgrade"] = job_status(st, job).as_dict()  # an unknown job is an error
+    else:
+        try:
+            out["upgrade"] = job_status(st, latest_job(st, name)).as_dict()
+        except UnknownNameError:  # never upgraded
+            out["upgrade"] = None
     if as_json:
         typer.echo(json.dumps(out, default=str))
         return
@@ -378,14 +387,16 @@ def serve(
 ) -> None:
     """Serve the index over HTTP (FastAPI + uvicorn)."""
     import uvicorn
+    from pydantic import ValidationError
 
     from compatkit.index.service import ServiceSettings, create_app
 
     try:
         settings = ServiceSettings(admin_token=token, source_root=source_root, run_worker=worker,
                                    max_body_bytes=int(max_body_mb * 1024 * 1024))
-    except ValueError as err:
-        raise CompatkitError(f"bad service settings: {err}") from None
+    except ValidationError as err:  # its text would echo the rejected token
+        reasons = "; ".join(e["msg"] for e in err.errors(include_url=False, include_input=False))
+        raise CompatkitError(f"bad service settings: {reasons}") from None
     app = create_app(_open(store, create=True), settings)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
@@ -441,6 +452,8 @@ def _feature_items(store: Any, path: Path) -> list:
 def _jsonl_items(path: Path) -> list:
     from compatkit.index.collection import ItemInput
 
+    if path.is_dir():
+        raise CompatkitError(f"--jsonl {path} is a directory; expected a JSON-lines file")
     if not path.is_file():
         raise CompatkitError(f"--jsonl {path} does not exist")
     items = []

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from compatkit import __version__
 from compatkit.errors import CompatkitError, UnknownNameError
@@ -91,6 +92,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         return _detail(status.HTTP_422_UNPROCESSABLE_CONTENT, _validation_message(err))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == status.HTTP_400_BAD_REQUEST:  # FastAPI could not parse the body
+            return _detail(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                           f"malformed JSON body: {err.detail} (e.g. nested too deeply)")
+        return JSONResponse({"detail": str(err.detail)}, status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
 
     @app.exception_handler(UnknownNameError)
     async def _unknown(_: Request, err: UnknownNameError) -> JSONResponse:
