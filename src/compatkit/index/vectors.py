@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 
-
 def as_vectors(x: Any, dim: int, *, what: str = "vectors") -> np.ndarray:
     """Check and convert ``x`` to a C-contiguous float32 (n, dim) array.
 
