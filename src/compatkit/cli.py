@@ -342,6 +342,10 @@ def _load_side(features: Path, labels: Path | None, side: str) -> tuple[np.ndarr
 def _load_npy(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise CompatkitError(f"{what} file {path} does not exist")
+    with path.open("rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise CompatkitError(f"{what} file {path} is not a numpy file (.npy written by "
+                                 "numpy.save); for a features file use .safetensors")
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError) as err:

@@ -79,10 +79,21 @@ def version(
     hash_seed: Annotated[int | None, typer.Option(
         help="embed sources with a deterministic hash embedder (tests, load benchmarks)")
     ] = None,
+    anchor_seed: Annotated[int | None, typer.Option(
+        help="hash embedder: mix in the direction of this seed (a compatible-looking version)")
+    ] = None,
+    anchor_weight: Annotated[float, typer.Option(
+        help="hash embedder: weight of the anchor direction, in [0, 1]")] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Register a version by hand: vectors only, or with a hash embedder."""
-    embedder = None if hash_seed is None else {"kind": "hash", "seed": hash_seed}
+    if hash_seed is None and (anchor_seed is not None or anchor_weight):
+        raise CompatkitError("--anchor-seed and --anchor-weight need --hash-seed")
+    if not 0.0 <= anchor_weight <= 1.0:
+        raise CompatkitError(f"--anchor-weight must be in [0, 1], got {anchor_weight}")
+    embedder = None if hash_seed is None else {"kind": "hash", "seed": hash_seed,
+                                               "anchor_seed": anchor_seed,
+                                               "anchor_weight": anchor_weight}
     info = _open(store, create=True).register_version(name, dim=dim, normalized=normalized,
                                                       embedder=embedder)
     _echo(asdict(info), as_json)
