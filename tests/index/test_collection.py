@@ -100,7 +100,7 @@ def test_source_query_uses_the_serving_embedder(store):
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"vector": [1.0] * 3}, "query vectors of version 'vA' have dimension 3, expected 8"),
     ({"vector": [np.nan] * DIM}, "query vectors of version 'vA' row 0 holds NaN or infinite "
-                                 "values"),
+                                 "values (float32 holds at most ±3.4e38)"),
     ({"vector": [1.0] * DIM, "k": 0}, "k must be an integer in [1, 10000], got 0"),
     ({}, "give exactly one of vector or source"),
     ({"vector": [1.0] * DIM, "source": "x"}, "give exactly one of vector or source"),

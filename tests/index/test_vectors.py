@@ -16,8 +16,12 @@ def test_one_vector_becomes_one_row():
 
 @pytest.mark.parametrize(("value", "message"), [
     ([1.0, 2.0, 3.0], "vectors have dimension 3, expected 2"),
-    ([[1.0, 0.0], [np.nan, 1.0]], "vectors row 1 holds NaN or infinite values"),
-    ([[1.0, 0.0], [0.0, np.inf]], "vectors row 1 holds NaN or infinite values"),
+    ([[1.0, 0.0], [np.nan, 1.0]], "vectors row 1 holds NaN or infinite values (float32 holds at "
+                                  "most ±3.4e38)"),
+    ([[1.0, 0.0], [0.0, np.inf]], "vectors row 1 holds NaN or infinite values (float32 holds at "
+                                  "most ±3.4e38)"),
+    ([[1.0, 0.0], [0.0, 1e39]], "vectors row 1 holds NaN or infinite values (float32 holds at "
+                                "most ±3.4e38)"),
     ([[0.0, 0.0]], "vectors row 0 is all zeros; a cosine score needs a non-zero vector"),
     ([[[1.0, 2.0]]], "vectors must be (n, 2), got shape (1, 1, 2)"),
     ("ab", "vectors must be numbers, got str"),

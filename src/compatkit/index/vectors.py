@@ -14,11 +14,13 @@ def as_vectors(x: Any, dim: int, *, what: str = "vectors") -> np.ndarray:
     A 1-D input of length ``dim`` is one vector. Shapes: -> (n, dim) float32.
 
     Raises:
-        ValueError: wrong shape or dimension, a NaN/inf value, or an all-zero row (each message
+        ValueError: wrong shape or dimension, a NaN/inf value (or one beyond float32's range),
+            or an all-zero row (each message
             names the first bad row and the expected dimension).
     """
     try:
-        arr = np.asarray(x, dtype=np.float32)
+        with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+            arr = np.asarray(x, dtype=np.float32)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be numbers, got {type(x).__name__}") from None
     if arr.ndim == 1:
@@ -30,7 +32,8 @@ def as_vectors(x: Any, dim: int, *, what: str = "vectors") -> np.ndarray:
     finite = np.isfinite(arr).all(axis=1)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
-        raise ValueError(f"{what} row {row} holds NaN or infinite values")
+        raise ValueError(f"{what} row {row} holds NaN or infinite values (float32 holds at most "
+                         "±3.4e38)")
     zero = ~arr.any(axis=1)
     if zero.any():
         row = int(np.flatnonzero(zero)[0])

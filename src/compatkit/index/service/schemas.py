@@ -30,6 +30,12 @@ class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ErrorPublic(_Out):
+    """Every error answer: one sentence that says what was wrong; nothing was changed."""
+
+    detail: str
+
+
 # ---------------------------------------------------------------- versions, relations
 
 

@@ -44,7 +44,7 @@ def add_items(body: ItemsCreate, coll: CollectionDep, settings: SettingsDep,
 
 
 @router.get("", response_model=ItemIdsPublic)
-def list_items(coll: CollectionDep, offset: Annotated[int, Query(ge=0)] = 0,
+def list_items(coll: CollectionDep, offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
                limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> ItemIdsPublic:
     """Item ids in insertion order; ``count`` is the collection's total."""
     return ItemIdsPublic(data=coll.list_ids(offset=offset, limit=limit), count=coll.count())
