@@ -43,7 +43,7 @@ from compatkit.index.slots import (
     write_items,
 )
 from compatkit.index.upgrade import job_status, latest_job, start_upgrade
-from compatkit.index.vectors import as_vectors, from_blob
+from compatkit.index.vectors import as_vectors, from_blob, l2_normalize
 from compatkit.index.versions import Relation, VersionInfo, can_search
 
 logger = logging.getLogger(__name__)
@@ -256,6 +256,8 @@ class Collection:
             raise ValueError(f"version {info.name!r} is a {info.kind} model; queries must be "
                              "embeddings of a model version")
         queries = as_vectors(vectors, info.dim, what=f"query vectors of version {info.name!r}")
+        if info.normalized:  # its model's outputs are unit vectors: so is what a transform sees
+            queries = l2_normalize(queries)
         rows = self.store.search_cache(self.name).search(queries, info.name, k)
         return [SearchResult(info.name, fetch_hits(self.store, r, with_metadata=with_metadata))
                 for r in rows]
