@@ -31,8 +31,8 @@ from compatkit.index.db import (
     version_row,
 )
 from compatkit.index.embedders import ArtifactTransform, Embedder
-from compatkit.index.external_embedders import build_embedder, resolve_spec
 from compatkit.index.errors import StateConflictError
+from compatkit.index.external_embedders import build_embedder, resolve_spec
 from compatkit.index.options import INDEX_KINDS, BackendOptions
 from compatkit.index.search import SearchCache
 from compatkit.index.versions import (
