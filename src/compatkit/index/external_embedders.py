@@ -23,6 +23,7 @@ import importlib
 import io
 import json
 import logging
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -370,7 +371,9 @@ class TorchScriptEmbedder(_ModelFileEmbedder):
         path = Path(path)
         extra = {EXPORT_INPUT_FILE: ""}
         try:
-            self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is what it is
+                self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
         except (RuntimeError, ValueError) as err:
             raise CompatkitError(f"{path} is not a TorchScript file torch.jit can load: "
                                  f"{str(err).strip().splitlines()[0]}") from None

@@ -1,9 +1,9 @@
 """The one training loop: every method plugs in through ``Method.step``.
 
 Device, AMP and DDP are values of the run context, not separate code paths. A run folder holds
-``config.yaml``, ``run.json`` (seed, code version, runtime, initial weights), ``data.json`` (split manifest),
-``history.json`` (per-epoch losses, lr, images/s), ``checkpoints/last`` (resumable state),
-``model/`` (the artifact) and ``metrics.json``.
+``config.yaml``, ``run.json`` (seed, code version, runtime, ``model.init``'s source and sha256),
+``data.json`` (split manifest), ``history.json`` (per-epoch losses, lr, images/s),
+``checkpoints/last`` (resumable state), ``model/`` (the artifact) and ``metrics.json``.
 """
 
 from __future__ import annotations
