@@ -83,8 +83,11 @@ def exported(tmp_path, make_model):
 @pytest.fixture()
 def factory_module(tmp_path, monkeypatch):
     """``byom_factory.py`` importable here (and by workers given its folder on PYTHONPATH)."""
+    import sys
+
     (tmp_path / "byom_factory.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "byom_factory", raising=False)  # another test's copy
     return tmp_path
 
 
@@ -194,19 +197,19 @@ def test_python_factory_embeds_and_bad_import_paths_are_clear(tmp_path, factory_
         with pytest.raises(CompatkitError, match=message):
             store.register_version("bad", dim=4, embedder={"kind": "python",
                                                            "factory": factory})
-    with pytest.raises(ValueError, match="a python embedder is 'package.module:factory', got "
-                                         "'byom_factory'"):
+    with pytest.raises(ValueError, match=r"a python embedder is 'package\.module:factory', got "
+                                         r"'byom_factory'"):
         store.register_version("bad", dim=4, embedder={"kind": "python",
                                                        "factory": "byom_factory"})
     with pytest.raises(CompatkitError, match="embeds in dim 4, but version 'bad' is registered "
                                              "with dim 5"):
         store.register_version("bad", dim=5, embedder={"kind": "python",
                                                        "factory": "byom_factory:lengths"})
-    with pytest.raises(CompatkitError, match="cannot be called with kwargs {'colour': 1}"):
+    with pytest.raises(CompatkitError, match=r"cannot be called with kwargs \{'colour': 1\}"):
         store.register_version("bad", dim=4, embedder={"kind": "python", "kwargs": {"colour": 1},
                                                        "factory": "byom_factory:lengths"})
     (factory_module / "byom_factory.py").write_text(FACTORY + "\n# edited\n")
-    with pytest.raises(EmbedderChangedError, match="byom_factory.py changed since version 'txt'"):
+    with pytest.raises(EmbedderChangedError, match=r"byom_factory\.py changed since version 'txt'"):
         IndexStore(tmp_path / "store").embedder("txt")
     store.close()
 
@@ -323,3 +326,64 @@ def test_exports_carry_the_manifest_and_refuse_non_models(tmp_path, exported,
     transform = make_transformation("t", "vA", "vB")
     with pytest.raises(CompatkitError, match="not an image model"):
         export_model(Path(transform), tmp_path / "t.onnx")
+
+
+def _text_upgrade(tmp_path: Path) -> tuple[IndexStore, object, int, list[str]]:
+    """vA and vB python embedders (scale 1 and 2), a collection of texts on vA, and a
+    hot-refresh job to vB that nothing has run yet."""
+    store = IndexStore(tmp_path / "store")
+    for name, scale in (("vA", 1.0), ("vB", 2.0)):
+        store.register_version(name, dim=4, normalized=False, embedder=spec_from_options(
+            python="byom_factory:lengths", kwargs=json.dumps({"dim": 4, "scale": scale})))
+    store.declare_compatible("vB", "vA")
+    texts = ["apple", "fig", "banana", "kiwi", "mango", "pear", "plum"]
+    coll = store.create_collection("fruit", "vA")
+    coll.add([ItemInput(t, source=t) for t in texts])
+    job = coll.start_upgrade("vB", strategy="hot-refresh", batch_size=3).job
+    return store, coll, job, texts
+
+
+def _check_vb(coll, texts: list[str]) -> None:
+    for t in texts:
+        got = coll.get(t, with_vectors=True).current
+        assert got.version == "vB"
+        np.testing.assert_array_equal(got.vector, [2.0 * len(t),
+                                                   sum(ch in "aeiou" for ch in t) + 1, 0, 0])
+
+
+def _worker_env(factory_dir: Path) -> dict[str, str]:
+    import os
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    paths = [str(factory_dir), src, os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+            "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_python_factory_embedder_in_a_backfill_worker_process(tmp_path, factory_module):
+    import subprocess
+    import sys
+
+    store, coll, _, texts = _text_upgrade(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "compatkit", "index", "work", "fruit",
+                           "--store", str(store.root), "--json"],
+                          env=_worker_env(factory_module), capture_output=True, text=True,
+                          timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["state"] == "completed"
+    _check_vb(coll, texts)
+    store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_python_factory_embedder_in_a_torchrun_rank(tmp_path, factory_module):
+    from compatkit.index.distributed import launch_torchrun
+
+    store, coll, job, texts = _text_upgrade(tmp_path)
+    status = launch_torchrun(store.root, job, workers=1, device="cpu", max_restarts=0,
+                             env={"PYTHONPATH": str(factory_module)}, timeout_s=240)
+    assert (status.state, status.done) == ("completed", len(texts))
+    _check_vb(coll, texts)
+    store.close()
