@@ -15,8 +15,9 @@ from torch import nn
 from compatkit.artifacts import InputSpec, Manifest, file_sha256, save_module
 from compatkit.errors import CompatkitError
 from compatkit.methods.independent import Independent
-from compatkit.models import BACKBONES, create_model, register_backbone
+from compatkit.models import BACKBONES, create_model
 from compatkit.models.initial_weights import load_initial_weights
+from compatkit.registry import Registry
 from compatkit.train.config import load_config
 from compatkit.train.loop import train
 
@@ -51,8 +52,17 @@ class TinyBackbone(nn.Module):
         return self.forward_features(x)
 
 
-if "byom_tiny" not in BACKBONES:
-    register_backbone("byom_tiny")(TinyBackbone)
+@pytest.fixture()
+def tiny_backbone(monkeypatch):
+    """``byom_tiny`` in the backbone registry while the test runs (a copy: nothing leaks)."""
+    from compatkit.models import backbones
+
+    registry = Registry("backbone")
+    for name in BACKBONES:
+        registry.add(name, BACKBONES.get(name))
+    registry.register("byom_tiny")(TinyBackbone)
+    monkeypatch.setattr(backbones, "BACKBONES", registry)
+    return "byom_tiny"
 
 
 @pytest.fixture()
@@ -92,13 +102,13 @@ def test_training_starts_from_an_artifacts_weights(tmp_path, first_state):
                     "skipped": ["classifier.weight"]}
 
 
-def test_training_starts_from_a_torchscript_backbone(tmp_path, first_state):
+def test_training_starts_from_a_torchscript_backbone(tmp_path, first_state, tiny_backbone):
     torch.manual_seed(3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(TinyBackbone())
         torch.jit.save(scripted, str(tmp_path / "backbone.pt"))
-    run = train(load_config(None, [*TINY, "model.backbone=byom_tiny",
+    run = train(load_config(None, [*TINY, f"model.backbone={tiny_backbone}",
                                    f"model.init={tmp_path / 'backbone.pt'}"]), tmp_path / "run")
     state = first_state["state"]
     for k, v in scripted.state_dict().items():
