@@ -192,10 +192,18 @@ def prepare_inputs(sources: Sequence[Source], input_spec: Mapping[str, Any]) -> 
         return np.stack(arrays).astype(np.float32)
     spec = InputSpec(image_size=input_spec["image_size"], in_chans=input_spec["in_chans"],
                      mean=tuple(input_spec["mean"]), std=tuple(input_spec["std"]))
-    images = np.stack([load_source_image(s, spec) for s in sources])
-    c = spec.in_chans
-    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, c, 1, 1)
-    std = np.asarray(spec.std, dtype=np.float32).reshape(1, c, 1, 1)
+    return prepare_images(np.stack([load_source_image(s, spec) for s in sources]), input_spec)
+
+
+def prepare_images(images: np.ndarray, input_spec: Mapping[str, Any]) -> np.ndarray:
+    """Decoded images to the model input of an image spec (the same arithmetic as
+    ``compatkit.data.normalize``, so exported and native models see the same numbers).
+
+    Shapes: (n, C, H, W) uint8 -> (n, C, H, W) float32, ``(pixels / 255 - mean) / std``.
+    """
+    c = input_spec["in_chans"]
+    mean = np.asarray(input_spec["mean"], dtype=np.float32).reshape(1, c, 1, 1)
+    std = np.asarray(input_spec["std"], dtype=np.float32).reshape(1, c, 1, 1)
     return (images.astype(np.float32) / np.float32(255.0) - mean) / std
 
 
@@ -292,6 +300,7 @@ class OnnxEmbedder(_ModelFileEmbedder):
         path: the ``.onnx`` file. version, dim: the version it embeds for.
         input_spec: the model's input (``image`` or ``array``); None reads the file's own.
         normalized: L2-normalise the outputs. device: ``cpu`` or ``cuda[:i]``.
+        threads: onnxruntime's intra-op threads (None: its default, one per core).
 
     Raises:
         CompatkitError: onnxruntime is missing, the file is not ONNX, no input spec, or the
@@ -302,16 +311,21 @@ class OnnxEmbedder(_ModelFileEmbedder):
 
     def __init__(self, path: str | Path, *, version: str, dim: int,
                  input_spec: Mapping[str, Any] | None = None, normalized: bool = True,
-                 device: str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+                 device: str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE,
+                 threads: int | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
             raise CompatkitError("onnx embedders need onnxruntime: pip install "
                                  "'compatkit[onnx]'") from None
         path = Path(path)
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(
-                str(path), providers=onnx_providers(device, ort.get_available_providers()))
+                str(path), sess_options=options,
+                providers=onnx_providers(device, ort.get_available_providers()))
         except Exception as err:  # onnxruntime raises its own exception types
             raise CompatkitError(f"{path} is not an ONNX model onnxruntime can load: "
                                  f"{str(err).strip().splitlines()[0]}") from None
