@@ -423,8 +423,10 @@ def _stored_input(path: Path, stored: str | bytes | None) -> dict[str, Any]:
 # ------------------------------------------------------------------ python factories
 
 
-def load_factory(path: str) -> tuple[Callable[..., Any], Path | None]:
-    """The callable named ``package.module:factory`` and the file of its module.
+def load_factory(path: str, *,
+                 what: str = "python embedder") -> tuple[Callable[..., Any], Path | None]:
+    """The callable named ``package.module:factory`` and the file of its module (``what``
+    names it in errors).
 
     Raises:
         ValueError: not of the form ``module:attribute``.
@@ -433,20 +435,20 @@ def load_factory(path: str) -> tuple[Callable[..., Any], Path | None]:
     """
     module_name, sep, attr = str(path).partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"a python embedder is 'package.module:factory', got {path!r}")
+        raise ValueError(f"a {what} is 'package.module:factory', got {path!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise CompatkitError(f"python embedder {path!r}: module {module_name!r} cannot be "
+        raise CompatkitError(f"{what} {path!r}: module {module_name!r} cannot be "
                              f"imported ({err})") from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise CompatkitError(f"python embedder {path!r}: module {module_name!r} has no "
+            raise CompatkitError(f"{what} {path!r}: module {module_name!r} has no "
                                  f"attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise CompatkitError(f"python embedder {path!r} names a {type(obj).__name__}, not a "
+        raise CompatkitError(f"{what} {path!r} names a {type(obj).__name__}, not a "
                              "callable factory")
     file = getattr(module, "__file__", None)
     return obj, (Path(file).resolve() if file else None)
