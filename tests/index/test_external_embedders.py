@@ -387,3 +387,22 @@ def test_python_factory_embedder_in_a_torchrun_rank(tmp_path, factory_module):
     assert (status.state, status.done) == ("completed", len(texts))
     _check_vb(coll, texts)
     store.close()
+
+
+def test_index_version_accepts_a_python_factory_from_the_command_line(tmp_path, factory_module):
+    from typer.testing import CliRunner
+
+    from compatkit.cli import app
+
+    store = ["--store", str(tmp_path / "st")]
+    result = CliRunner().invoke(app, ["index", "version", "txt", "--python",
+                                      "byom_factory:lengths", "--kwargs", '{"dim": 4}',
+                                      "--dim", "4", "--no-normalized", *store, "--json"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    embedder = json.loads(result.output)["embedder"]
+    assert (embedder["kind"], embedder["factory"], embedder["kwargs"]) == (
+        "python", "byom_factory:lengths", {"dim": 4})
+    with pytest.raises(ValueError, match="--kwargs goes with --python"):
+        CliRunner().invoke(app, ["index", "version", "x", "--onnx", "m.onnx", "--kwargs", "{}",
+                                 "--dim", "4", *store], catch_exceptions=False)
