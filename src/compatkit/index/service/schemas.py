@@ -77,15 +77,14 @@ class PythonEmbedderSpec(_In):
 
 
 class VersionCreate(_In):
-    """Register a version by hand: vectors only, or with a hash, ONNX, TorchScript or python
-    embedder (see ``compatkit.index.external_embedders``)."""
+    """Register a version by hand: vectors only, or with a hash (the default ``kind``), ONNX,
+    TorchScript or python embedder (see ``compatkit.index.external_embedders``)."""
 
     name: Name
     dim: Annotated[int, Field(ge=1, le=MAX_VECTOR_LENGTH)]
     normalized: bool = True
     kind: Literal["model", "side_info"] = "model"
-    embedder: Annotated[HashEmbedderSpec | ModelFileEmbedderSpec | PythonEmbedderSpec,
-                        Field(discriminator="kind")] | None = None
+    embedder: HashEmbedderSpec | ModelFileEmbedderSpec | PythonEmbedderSpec | None = None
 
 
 class ArtifactRegister(_In):
