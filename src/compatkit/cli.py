@@ -71,17 +71,27 @@ def train(
 @app.command()
 def embed(
     model: Annotated[Path, typer.Option(help="model artifact or run folder")],
-    out: Annotated[Path, typer.Option(help="features file to write (.safetensors)")],
+    out: Annotated[Path, typer.Option(
+        help="file to write, by suffix: .safetensors (features file with labels and the "
+             "model's manifest), .npy (vectors) or .npz (ids, vectors, labels as metadata, "
+             "version)")],
     dataset: Annotated[str | None, typer.Option(help="dataset (default: the model's own)")] = None,
     root: Annotated[str | None, typer.Option(help="dataset root")] = None,
     part: Annotated[str, typer.Option(help="test | train | all")] = "test",
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
 ) -> None:
     """Embed a dataset part with a model → features file with labels and the model's manifest."""
-    from compatkit.artifacts import read_manifest, save_features
+    from compatkit.artifacts import (
+        VECTOR_FORMATS,
+        read_manifest,
+        save_features,
+        save_vectors_file,
+    )
     from compatkit.inference import embed_artifact
     from compatkit.train.config import DataConfig
 
+    if out.suffix.lower() not in VECTOR_FORMATS:
+        raise CompatkitError(f"--out {out}: the suffix must be one of {', '.join(VECTOR_FORMATS)}")
     artifact = _artifact_dir(model)
     data = None
     if dataset is not None or root is not None:
@@ -92,9 +102,33 @@ def embed(
             base["root"] = root
         data = DataConfig.model_validate(base)
     fs = embed_artifact(artifact, data=data, part=part, device=device)
-    save_features(out, fs)
+    if out.suffix.lower() == ".safetensors":
+        save_features(out, fs)
+    else:
+        save_vectors_file(out, fs.features, metadata=[{"label": int(lab)} for lab in fs.labels],
+                          version=fs.manifest.model_version)
     _out({"features": str(out), "count": int(fs.features.shape[0]),
           "dim": int(fs.features.shape[1]), "model_version": fs.manifest.model_version})
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="model artifact or run folder")],
+    format: Annotated[str, typer.Option("--format", help="onnx | torchscript")],
+    out: Annotated[Path, typer.Option(help="file to write (.onnx, .pt)")],
+) -> None:
+    """Export a model as one self-contained ONNX or TorchScript file carrying its input spec."""
+    from compatkit.artifacts import file_sha256, read_manifest
+    from compatkit.export import EXPORT_FORMATS, export_model
+
+    if format not in EXPORT_FORMATS:
+        raise CompatkitError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got "
+                             f"{format!r}")
+    artifact = _artifact_dir(run)
+    export_model(artifact, out, format=format)  # type: ignore[arg-type]
+    manifest = read_manifest(artifact)
+    _out({"out": str(out), "format": format, "model_version": manifest.model_version,
+          "dim": manifest.embed_dim, "sha256": file_sha256(out)})
 
 
 @app.command("eval")

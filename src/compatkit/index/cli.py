@@ -84,19 +84,66 @@ def version(
     ] = None,
     anchor_weight: Annotated[float, typer.Option(
         help="hash embedder: weight of the anchor direction, in [0, 1]")] = 0.0,
+    onnx: Annotated[Path | None, typer.Option(
+        help="embed sources with this ONNX model (onnxruntime)", rich_help_panel="Model")
+    ] = None,
+    torchscript: Annotated[Path | None, typer.Option(
+        help="embed sources with this TorchScript model", rich_help_panel="Model")] = None,
+    python: Annotated[str | None, typer.Option(
+        help="package.module:factory returning an object with embed_sources(sources)",
+        rich_help_panel="Model")] = None,
+    kwargs: Annotated[str | None, typer.Option(
+        help="JSON object of keyword arguments for the --python factory",
+        rich_help_panel="Model")] = None,
+    image_size: Annotated[int | None, typer.Option(
+        help="input spec: images resized to this square size", rich_help_panel="Input")
+    ] = None,
+    channels: Annotated[int | None, typer.Option(
+        help="input spec: 1 (grey) or 3 (RGB)", rich_help_panel="Input")] = None,
+    mean: Annotated[str | None, typer.Option(
+        help="input spec: per-channel mean in [0, 1], comma-separated", rich_help_panel="Input")
+    ] = None,
+    std: Annotated[str | None, typer.Option(
+        help="input spec: per-channel std in [0, 1], comma-separated", rich_help_panel="Input")
+    ] = None,
+    raw_arrays: Annotated[bool, typer.Option(
+        help="input spec: each source is a .npy array fed as it is", rich_help_panel="Input")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Register a version by hand: vectors only, or with a hash embedder."""
+    """Register a version by hand: vectors only, or with a hash, ONNX, TorchScript or Python
+    embedder (--onnx/--torchscript files carry their input spec when `compatkit export`
+    wrote them; else give --channels, --image-size, --mean, --std or --raw-arrays)."""
+    from compatkit.index.external_embedders import spec_from_options
+
     if hash_seed is None and (anchor_seed is not None or anchor_weight):
         raise CompatkitError("--anchor-seed and --anchor-weight need --hash-seed")
     if not 0.0 <= anchor_weight <= 1.0:
         raise CompatkitError(f"--anchor-weight must be in [0, 1], got {anchor_weight}")
-    embedder = None if hash_seed is None else {"kind": "hash", "seed": hash_seed,
-                                               "anchor_seed": anchor_seed,
-                                               "anchor_weight": anchor_weight}
+
+    embedder = spec_from_options(onnx=onnx, torchscript=torchscript, python=python,
+                                 kwargs=kwargs, image_size=image_size, channels=channels,
+                                 mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                                 raw_arrays=raw_arrays)
+    if hash_seed is not None:
+        if embedder is not None:
+            raise CompatkitError("give --hash-seed or a model (--onnx, --torchscript, "
+                                 "--python), not both")
+        embedder = {"kind": "hash", "seed": hash_seed, "anchor_seed": anchor_seed,
+                    "anchor_weight": anchor_weight}
     info = _open(store, create=True).register_version(name, dim=dim, normalized=normalized,
                                                       embedder=embedder)
     _echo(asdict(info), as_json)
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    """Comma-separated floats, e.g. ``0.5,0.5,0.5``."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise CompatkitError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
 @index_app.command("relate")
@@ -164,24 +211,32 @@ def add(
         help="folder of images: id = relative path, source = the file, label = its folder")
     ] = None,
     features: Annotated[Path | None, typer.Option(
-        help="features file (.safetensors): vectors with their version")] = None,
+        help="vectors: a features file (.safetensors, with its version), a .npy (N, D) array "
+             "(with --ids) or a .npz (ids, vectors, optional metadata and version)")] = None,
+    ids: Annotated[Path | None, typer.Option(
+        help="one item id per line, one per row of --features (needed by a .npy)")] = None,
+    version: Annotated[str | None, typer.Option(
+        help="version of .npy/.npz vectors (default: the file's, else the serving version)")
+    ] = None,
     jsonl: Annotated[Path | None, typer.Option(
         help="one item per line: {id, source?, metadata?, vector?, version?}")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add items from an image folder, a features file or a JSON-lines file: all or none (a
+    """Add items from an image folder, a vectors file or a JSON-lines file: all or none (a
     bad item leaves the collection as it was)."""
     from compatkit.index.collection import ItemInput
 
     if sum(x is not None for x in (images, features, jsonl)) != 1:
         raise CompatkitError("give exactly one of --images, --features, --jsonl")
+    if features is None and (ids is not None or version is not None):
+        raise CompatkitError("--ids and --version go with --features")
     st = _open(store)
     coll = st.collection(name)
     items: list[ItemInput]
     if images is not None:
         items = _image_items(images)
     elif features is not None:
-        items = _feature_items(st, features)
+        items = _feature_items(st, features, ids=ids, version=version)
     else:
         items = _jsonl_items(jsonl)  # type: ignore[arg-type]
     try:
@@ -446,18 +501,25 @@ def _image_items(folder: Path) -> list:
             for p in files]
 
 
-def _feature_items(store: Any, path: Path) -> list:
-    from compatkit.artifacts import load_features
+def _feature_items(store: Any, path: Path, *, ids: Path | None, version: str | None) -> list:
+    from compatkit.artifacts import load_vectors_file
     from compatkit.index.collection import ItemInput
 
-    fs = load_features(path)
-    m = fs.manifest
-    if m.model_version not in {v.name for v in store.versions()}:
-        store.register_version(m.model_version, dim=m.embed_dim, normalized=m.normalized)
-    ids = fs.ids if fs.ids is not None else np.arange(len(fs.features))
-    return [ItemInput(str(int(i)), vector=v, version=m.model_version,
-                      metadata={"label": int(lab)})
-            for i, v, lab in zip(ids, fs.features, fs.labels, strict=True)]
+    vf = load_vectors_file(path, ids=ids)
+    if vf.ids is None:
+        raise CompatkitError(f"{path} holds vectors only: give --ids FILE with one item id per "
+                             "line, one per row")
+    if vf.manifest is not None:
+        if version is not None and version != vf.manifest.model_version:
+            raise CompatkitError(f"{path} holds vectors of version "
+                                 f"{vf.manifest.model_version!r}, not {version!r}")
+        m = vf.manifest
+        if m.model_version not in {v.name for v in store.versions()}:
+            store.register_version(m.model_version, dim=m.embed_dim, normalized=m.normalized)
+    version = version or vf.version
+    metadata = vf.metadata or [{} for _ in vf.ids]
+    return [ItemInput(i, vector=v, version=version, metadata=meta)
+            for i, v, meta in zip(vf.ids, vf.vectors, metadata, strict=True)]
 
 
 def _jsonl_items(path: Path) -> list:

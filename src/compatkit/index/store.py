@@ -30,8 +30,9 @@ from compatkit.index.db import (
     version_map,
     version_row,
 )
-from compatkit.index.embedders import ArtifactTransform, Embedder, embedder_from_spec
+from compatkit.index.embedders import ArtifactTransform, Embedder
 from compatkit.index.errors import StateConflictError
+from compatkit.index.external_embedders import build_embedder, resolve_spec
 from compatkit.index.options import INDEX_KINDS, BackendOptions
 from compatkit.index.search import SearchCache
 from compatkit.index.versions import (
@@ -91,11 +92,14 @@ class IndexStore(Database):
             name: the version name (as in a manifest's ``model_version``).
             dim: vector dimension. normalized: whether its model L2-normalises.
             kind: ``model`` or ``side_info``.
-            embedder: a JSON spec (``{"kind": "hash", "seed": 1}``), an object with ``spec()``
+            embedder: a JSON spec (``{"kind": "hash", "seed": 1}``, an ONNX, TorchScript or
+                python spec: ``compatkit.index.external_embedders``), an object with ``spec()``
                 (``HashEmbedder``), or None (vectors only).
 
         Raises:
             ValueError: a bad name or dimension, or a relation naming it with another dimension.
+            CompatkitError: an external embedder that cannot be built or embeds in another
+                dimension (``resolve_spec``).
             StateConflictError: the name is registered with other fields.
         """
         check_name(name, "version")
@@ -103,19 +107,17 @@ class IndexStore(Database):
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         if kind not in ("model", "side_info"):
             raise ValueError(f"kind must be 'model' or 'side_info', got {kind!r}")
-        if embedder is None:
-            spec: dict[str, Any] = {"kind": "none"}
-        elif isinstance(embedder, Mapping):
-            spec = dict(embedder)
-        else:
-            spec = dict(embedder.spec())
-        if spec.get("kind") not in ("none", "hash", "artifact"):
-            raise ValueError(f"embedder kind must be 'none', 'hash' or 'artifact', got "
-                             f"{spec.get('kind')!r}")
+        spec = resolve_spec(embedder, version=name, dim=dim, normalized=bool(normalized))
         info = VersionInfo(name, dim, bool(normalized), kind, spec)
         with self.write() as con:
             existing = version_row(con, name)
             if existing is not None:
+                if existing != info and existing.embedder.get("files") and (
+                        existing.embedder != info.embedder):
+                    raise StateConflictError(
+                        f"version {name!r} is already registered with another embedder "
+                        f"({existing.embedder}); an embedder never changes under a version's "
+                        "name: register the new model as a new version")
                 if existing != info:
                     raise StateConflictError(
                         f"version {name!r} is already registered with other fields "
@@ -310,7 +312,7 @@ class IndexStore(Database):
             emb = self._embedders.get(version)
         if emb is not None:
             return emb
-        emb = embedder_from_spec(self.version(version), device=self.device)
+        emb = build_embedder(self.version(version), device=self.device)
         with self._lock:
             return self._embedders.setdefault(version, emb)
 

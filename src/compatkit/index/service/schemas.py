@@ -48,14 +48,49 @@ class HashEmbedderSpec(_In):
     anchor_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
 
+class ImageInputSpec(_In):
+    """Sources are images: resized to ``image_size`` (None: as they are), ``in_chans``
+    channels, ``(pixels / 255 - mean) / std`` per channel (defaults 0 and 1)."""
+
+    kind: Literal["image"] = "image"
+    image_size: Annotated[int, Field(ge=1, le=8192)] | None = None
+    in_chans: Literal[1, 3]
+    mean: Annotated[list[FiniteFloat], Field(min_length=1, max_length=3)] | None = None
+    std: Annotated[list[FiniteFloat], Field(min_length=1, max_length=3)] | None = None
+
+
+class ArrayInputSpec(_In):
+    """Sources are ``.npy`` arrays, fed to the model as they are."""
+
+    kind: Literal["array"] = "array"
+
+
+class ModelFileEmbedderSpec(_In):
+    """An ONNX or TorchScript file on the server; ``input`` None reads the file's own spec."""
+
+    kind: Literal["onnx", "torchscript"]
+    path: Annotated[str, Field(min_length=1, max_length=4096)]
+    input: Annotated[ImageInputSpec | ArrayInputSpec, Field(discriminator="kind")] | None = None
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 64
+
+
+class PythonEmbedderSpec(_In):
+    """``package.module:factory`` importable on the server, called with ``kwargs``."""
+
+    kind: Literal["python"]
+    factory: Annotated[str, Field(min_length=3, max_length=512)]
+    kwargs: dict[str, Any] = {}
+
+
 class VersionCreate(_In):
-    """Register a version by hand (vectors only, or with a hash embedder)."""
+    """Register a version by hand: vectors only, or with a hash (the default ``kind``), ONNX,
+    TorchScript or python embedder (see ``compatkit.index.external_embedders``)."""
 
     name: Name
     dim: Annotated[int, Field(ge=1, le=MAX_VECTOR_LENGTH)]
     normalized: bool = True
     kind: Literal["model", "side_info"] = "model"
-    embedder: HashEmbedderSpec | None = None
+    embedder: HashEmbedderSpec | ModelFileEmbedderSpec | PythonEmbedderSpec | None = None
 
 
 class ArtifactRegister(_In):
