@@ -212,3 +212,41 @@ def load_features(path: str | Path) -> FeatureSet:
     except (SafetensorError, OSError, KeyError, ValidationError, ValueError) as err:
         raise CompatkitError(f"{path} is not a valid compatkit features file: {err}") from None
     return FeatureSet(tensors["features"], tensors["labels"], manifest, tensors.get("ids"))
+
+
+def load_vectors(path: str | Path) -> np.ndarray:
+    """An (n, d) float32 array of vectors from a ``.npy`` file, an ``.npz`` file (its one
+    array, or the one named ``features``) or a compatkit features file (``.safetensors``).
+
+    Raises:
+        CompatkitError: a missing or unreadable file, an unknown suffix, or no 2-D array.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CompatkitError(f"vectors file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        arr = load_features(path).features
+    elif suffix in (".npy", ".npz"):
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise CompatkitError(f"{path} is not a readable numpy file: {err}") from None
+        if suffix == ".npy":
+            arr = loaded
+        else:
+            with loaded:
+                names = list(loaded.files)
+                if "features" in names:
+                    names = ["features"]
+                if len(names) != 1:
+                    raise CompatkitError(f"{path} holds arrays {sorted(loaded.files)}; name the "
+                                         "vectors 'features' or store only one array")
+                arr = loaded[names[0]]
+    else:
+        raise CompatkitError(f"vectors file {path} must be .npy, .npz or .safetensors, got "
+                             f"{suffix or 'no suffix'!r}")
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+        raise CompatkitError(f"{path} must hold a 2-D float array of vectors, got shape "
+                             f"{arr.shape} of {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
