@@ -5,8 +5,12 @@ new-model query scores the new items directly and the old items through the adap
 groups' cosine scores live on different scales, so their merged top-k favours one group. A
 ``ScoreCalibration`` is an increasing affine map ``scale · s + shift`` of the adapted group's
 scores onto the direct group's scale, fitted on a paired sample by matching the mean and
-standard deviation of the two score distributions. Numpy only: the server imports it without
-torch or the metrics engine; ``compatkit.eval.bridged`` measures what it buys.
+standard deviation of the two score distributions' upper tails: each sample query's top
+``tail`` fraction of neighbours, the scores a top-k is made of. (Matching the whole
+distributions instead, ``tail=1``, is dominated by far negatives and over-ranks the adapted
+group early in the backfill; docs/RESULTS.md, "Serving through a query adapter".) Numpy
+only: the server imports it without torch or the metrics engine; ``compatkit.eval.bridged``
+measures what it buys.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import numpy as np
 
 #: Items of the paired sample used by the fit (a seeded subsample beyond): n² scores each.
 MAX_FIT_ITEMS = 2000
-#: The fewest paired items a fit accepts (n·(n-1) off-diagonal scores per distribution).
+#: The fewest paired items a fit accepts.
 MIN_FIT_ITEMS = 3
+#: The fraction of each sample query's other items whose scores the fit matches (its top).
+DEFAULT_TAIL = 0.1
 
 
 @dataclass(frozen=True)
@@ -76,26 +82,33 @@ def _unit_rows(x: Any, name: str) -> np.ndarray:
     return arr / norms
 
 
-def _off_diagonal(scores: np.ndarray) -> np.ndarray:
-    return scores[~np.eye(scores.shape[0], dtype=bool)].astype(np.float64)
+def _row_tops(scores: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` highest off-diagonal scores of every row, flattened (float64)."""
+    scores = scores.astype(np.float64)
+    np.fill_diagonal(scores, -np.inf)
+    return -np.partition(-scores, k - 1, axis=1)[:, :k].ravel()
 
 
 def fit_score_calibration(
-    mapped: Any, target: Any, source: Any, *, max_items: int = MAX_FIT_ITEMS, seed: int = 0,
+    mapped: Any, target: Any, source: Any, *, tail: float = DEFAULT_TAIL,
+    max_items: int = MAX_FIT_ITEMS, seed: int = 0,
 ) -> ScoreCalibration:
     """Fit the calibration of an adapted route on a paired sample (row i = one item).
 
     The adapted route scores ``mapped_i · target_j`` (a source-model query mapped into the
-    target space, against stored target vectors); the direct route ``source_i · source_j``.
-    The map sends the mean and standard deviation of the first (i ≠ j, cosine) onto those of
-    the second. Above ``max_items`` items a seeded subsample is used.
+    target space, against stored target vectors); the direct route ``source_i · source_j``
+    (cosines, j ≠ i). For every sample query i, both routes' top ``max(1, round(tail·(n-1)))``
+    scores are kept; the map sends the mean and standard deviation of the adapted ones onto
+    those of the direct ones. Above ``max_items`` items a seeded subsample is used.
 
     Shapes: mapped (n, d_t), target (n, d_t), source (n, d_s).
 
     Raises:
-        ValueError: mismatched rows or dimensions, fewer than 3 items, NaN/inf or zero rows,
-            or adapted scores with no spread.
+        ValueError: mismatched rows or dimensions, fewer than 3 items, ``tail`` outside
+            (0, 1], NaN/inf or zero rows, or scores with no spread.
     """
+    if not (isinstance(tail, int | float) and 0 < tail <= 1):
+        raise ValueError(f"tail must be a fraction in (0, 1], got {tail!r}")
     m = _unit_rows(mapped, "mapped vectors")
     t = _unit_rows(target, "target vectors")
     s = _unit_rows(source, "source vectors")
@@ -111,7 +124,8 @@ def fit_score_calibration(
     if len(m) > max_items:
         keep = np.sort(np.random.default_rng(seed).permutation(len(m))[:max_items])
         m, t, s = m[keep], t[keep], s[keep]
-    adapted, direct = _off_diagonal(m @ t.T), _off_diagonal(s @ s.T)
+    k = max(1, round(tail * (len(m) - 1)))
+    adapted, direct = _row_tops(m @ t.T, k), _row_tops(s @ s.T, k)
     spread = float(adapted.std())
     if not spread > 1e-12:
         raise ValueError("the adapted scores of the paired sample have no spread; a "
