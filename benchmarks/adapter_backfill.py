@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=2000,
                         help="paired training items the adapter and calibration are fitted on")
     parser.add_argument("--seeds", default="0,1,2", help="backfill order seeds")
+    parser.add_argument("--tails", default="0.02,0.05,0.1,0.2,0.5,1.0",
+                        help="calibration tails (fractions of each query's scores) to sweep")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -108,7 +110,9 @@ def main() -> None:
             "new/old (no adapter)": m(test_new, test_old),
             "A(new)/old (adapter)": m(adapted, test_old)}
     rows: dict[str, Any] = {}
+    sweep: dict[str, list[float]] = {}
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    tails = [float(t) for t in args.tails.split(",") if t]
     for seed in seeds:
         order = backfill_order("random", len(labels), seed=seed)
         curves = {"no adapter": backfill_curve(
@@ -121,11 +125,17 @@ def main() -> None:
                 exclude_self=True)
         for name, curve in curves.items():
             rows.setdefault(name, []).append(curve.to_json())
+        for tail in tails:
+            cal = fit_score_calibration(mapped, pairs_old, pairs_new, tail=tail)
+            sweep.setdefault(str(tail), []).append(bridged_backfill_curve(
+                test_new, adapted, labels, test_old, test_new, labels, order, calibration=cal,
+                fractions=FRACTIONS, metrics=["map"], exclude_self=True).auc["map"]["trapezoid"])
     result = {
         "pairs": len(pick), "test_images": len(labels), "test_classes": len(set(labels)),
         "ridge": args.ridge, "seeds": seeds, "references_map": refs,
         "calibrations": {k: None if v is None else v.to_json() for k, v in calibrations.items()},
-        "curves": rows, "seconds": round(time.perf_counter() - started, 1)}
+        "curves": rows, "tail_sweep_area": sweep,
+        "seconds": round(time.perf_counter() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "adapter_backfill.json").write_text(json.dumps(result, indent=2))
     print(format_table(result))
@@ -149,6 +159,10 @@ def format_table(result: dict[str, Any]) -> str:
         nfr = np.mean([r["regression"]["mean_nfr"] for r in runs])
         lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in maps)
                      + f" | {area:.4f} | {nfr:.4f} |")
+    lines += ["", "| calibration tail | " + " | ".join(result["tail_sweep_area"]) + " |",
+              "|---|" + "---:|" * len(result["tail_sweep_area"]),
+              "| mAP area | " + " | ".join(f"{np.mean(v):.4f}"
+                                          for v in result["tail_sweep_area"].values()) + " |"]
     return "\n".join(lines)
 
 
