@@ -251,9 +251,9 @@ def test_cli_declares_a_calibrated_adapter_and_starts_the_upgrade(tmp_path, adap
     pairs = pair_vectors()
     np.save(tmp_path / "from.npy", pairs["from_vectors"])
     np.savez(tmp_path / "to.npz", features=pairs["to_vectors"])
-    rel = json.loads(run("relate", "transform", "vB", "vA", "--artifact", adapter,
-                         "--calibrate", "--from-vectors", str(tmp_path / "from.npy"),
-                         "--to-vectors", str(tmp_path / "to.npz"), "--json"))
+    rel = json.loads(run("register", adapter, "--calibrate", "--from-vectors",
+                         str(tmp_path / "from.npy"), "--to-vectors", str(tmp_path / "to.npz"),
+                         "--json"))
     assert set(rel["calibration"]) == {"scale", "shift", "pairs"}
     assert rel["calibration"]["pairs"] == len(PAIRS)
     status = json.loads(run("upgrade", "c", "--to", "vB", "--no-run", "--json"))
@@ -312,3 +312,30 @@ def test_score_calibration_rejects_bad_values():
         ScoreCalibration(0.0, 0.0, 3)
     with pytest.raises(ValueError, match="a score calibration is"):
         ScoreCalibration.from_json({"scale": 1.0})
+
+
+def test_load_vectors_reads_the_pair_formats_and_names_bad_files(tmp_path):
+    from compatkit.artifacts import FeatureSet, Manifest, load_vectors, save_features
+
+    x = np.arange(12, dtype=np.float64).reshape(4, 3)
+    np.save(tmp_path / "a.npy", x)
+    np.savez(tmp_path / "one.npz", anything=x)
+    np.savez(tmp_path / "two.npz", features=x, labels=np.arange(4))
+    manifest = Manifest(model_version="m", spec={}, embed_dim=3, normalized=True)
+    save_features(tmp_path / "f.safetensors", FeatureSet(x.astype(np.float32), np.arange(4),
+                                                         manifest))
+    for name in ("a.npy", "one.npz", "two.npz", "f.safetensors"):
+        got = load_vectors(tmp_path / name)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, x)
+    np.savez(tmp_path / "many.npz", a=x, b=x)
+    np.save(tmp_path / "flat.npy", np.ones(3))
+    (tmp_path / "v.txt").write_text("1 2 3")
+    for name, message in [
+        ("many.npz", r"holds arrays \['a', 'b'\]; name the vectors 'features'"),
+        ("flat.npy", r"must hold a 2-D float array of vectors, got shape \(3,\)"),
+        ("v.txt", r"must be .npy, .npz or .safetensors, got '.txt'"),
+        ("missing.npy", "does not exist"),
+    ]:
+        with pytest.raises(CompatkitError, match=message):
+            load_vectors(tmp_path / name)
