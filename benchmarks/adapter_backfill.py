@@ -11,7 +11,10 @@ the adapter, merged into one top-k exactly as the index merges them
 against old vectors as they are), the adapter without calibration, with mean/std matching of
 all the sample's scores, with a least-squares regression of the direct scores on the adapted
 ones, and with mean/std matching of each sample query's top 10 % scores (what the index fits
-and stores, ``compatkit.score_calibration``).
+and stores, ``compatkit.score_calibration``). Last, the serving path itself: an FCT-style MLP
+adapter is trained on the pairs, registered in an ``IndexStore`` with its calibration, and
+the index's live top-1 over collections frozen at some backfill fractions is printed next to
+the bridged curve's (they must be equal).
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/adapter_backfill.py \\
         --root ../shared/data/omniglot --out runs/adapter_backfill/omniglot
@@ -38,6 +41,7 @@ from compatkit.train.prepare import evaluation_images
 from methods import stage_config
 
 FRACTIONS = [i / 10 for i in range(11)]
+INDEX_FRACTIONS = [0.0, 0.3, 0.7, 1.0]
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -58,6 +62,61 @@ def regression_calibration(mapped: np.ndarray, target: np.ndarray,
     direct = (unit(source) @ unit(source).T)[off]
     slope, intercept = np.polyfit(adapted.astype(np.float64), direct.astype(np.float64), 1)
     return ScoreCalibration(float(slope), float(intercept), len(mapped))
+
+
+def index_check(work: Path, pairs_new: np.ndarray, pairs_old: np.ndarray,
+                test_new: np.ndarray, test_old: np.ndarray, labels: np.ndarray,
+                order: np.ndarray) -> list[tuple[float, float, float]]:
+    """The serving path on the same features: an FCT-style MLP adapter (trained here, saved
+    as a transformation artifact) registered with a calibration, collections frozen at some
+    backfill fractions, every test image a query. Returns (fraction, the index's top-1
+    accuracy, the bridged curve's cmc@1) rows; the two must be equal."""
+    import shutil
+
+    from compatkit.artifacts import Manifest, save_module
+    from compatkit.index import IndexStore, ItemInput
+    from compatkit.models import create_transformation
+    from compatkit.ordering import backfill_count
+
+    torch.manual_seed(0)
+    module = create_transformation(d_old=pairs_new.shape[1], d_new=pairs_old.shape[1],
+                                   inner=256)
+    optim = torch.optim.Adam(module.parameters(), 1e-3)
+    x, y = torch.from_numpy(pairs_new), torch.from_numpy(pairs_old)
+    for _ in range(300):
+        idx = torch.randint(0, len(x), (256,))
+        loss = ((module(x[idx]).embedding - y[idx]) ** 2).sum(1).mean()
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    module.eval()
+    shutil.rmtree(work, ignore_errors=True)
+    adapter = save_module(work / "adapter", module, Manifest(
+        kind="transformation", model_version="adapter-new-old", spec=module.spec,
+        embed_dim=pairs_old.shape[1], normalized=False, transforms_from="new",
+        transforms_to="old"))
+    store = IndexStore(work / "store", synchronous="NORMAL")
+    store.register_version("old", dim=test_old.shape[1])
+    store.register_version("new", dim=test_new.shape[1])
+    rel = store.register_artifact(adapter, calibrate=True, from_vectors=pairs_new,
+                                  to_vectors=pairs_old)
+    curve = bridged_backfill_curve(
+        test_new, store.transformer(rel).apply(test_new), labels, test_old, test_new, labels,
+        order, calibration=rel.calibration, fractions=INDEX_FRACTIONS, metrics=["cmc@1"],
+        exclude_self=True)
+    rows = []
+    for step, fraction in enumerate(INDEX_FRACTIONS):
+        coll = store.create_collection(f"at{step}", "new")
+        done = set(order[:backfill_count(len(labels), fraction)].tolist())
+        coll.add([ItemInput(str(i), vector=test_new[i] if i in done else test_old[i],
+                            version="new" if i in done else "old") for i in range(len(labels))])
+        correct = []
+        for i, res in enumerate(coll.search_batch(test_new, version="new", k=2)):
+            best = next(h for h in res.hits if h.id != str(i))  # leave-one-out
+            correct.append(labels[int(best.id)] == labels[i])
+        rows.append((fraction, float(np.mean(correct)), curve.metrics["cmc@1"][step]))
+    store.close()
+    return rows
 
 
 def main() -> None:
@@ -130,7 +189,10 @@ def main() -> None:
             sweep.setdefault(str(tail), []).append(bridged_backfill_curve(
                 test_new, adapted, labels, test_old, test_new, labels, order, calibration=cal,
                 fractions=FRACTIONS, metrics=["map"], exclude_self=True).auc["map"]["trapezoid"])
+    checks = index_check(args.out / "index_check", pairs_new, pairs_old, test_new, test_old,
+                         labels, backfill_order("random", len(labels), seed=seeds[0]))
     result = {
+        "index_check_top1": checks,
         "pairs": len(pick), "test_images": len(labels), "test_classes": len(set(labels)),
         "ridge": args.ridge, "seeds": seeds, "references_map": refs,
         "calibrations": {k: None if v is None else v.to_json() for k, v in calibrations.items()},
@@ -159,6 +221,9 @@ def format_table(result: dict[str, Any]) -> str:
         nfr = np.mean([r["regression"]["mean_nfr"] for r in runs])
         lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in maps)
                      + f" | {area:.4f} | {nfr:.4f} |")
+    lines += ["", "| backfill fraction (MLP adapter) | index top-1 | bridged curve cmc@1 |",
+              "|---:|---:|---:|"]
+    lines += [f"| {f:.1f} | {a:.4f} | {b:.4f} |" for f, a, b in result["index_check_top1"]]
     lines += ["", "| calibration tail | " + " | ".join(result["tail_sweep_area"]) + " |",
               "|---|" + "---:|" * len(result["tail_sweep_area"]),
               "| mAP area | " + " | ".join(f"{np.mean(v):.4f}"
