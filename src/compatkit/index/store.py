@@ -44,7 +44,7 @@ from compatkit.index.versions import (
     check_name,
     find_route,
 )
-from compatkit.score_calibration import ScoreCalibration
+from compatkit.score_calibration import ScoreCalibration, fit_score_calibration
 
 __all__ = ["DB_NAME", "IndexStore"]
 
@@ -237,7 +237,7 @@ class IndexStore(Database):
             raise CompatkitError(f"{artifact} holds a {manifest.kind}, not a transformation")
         d_old, d_new = manifest.spec.get("d_old"), manifest.spec.get("d_new")
         d_side = manifest.spec.get("d_side")
-        with self.write() as con:
+        with self.read() as con:
             o, n = require_version(con, old), require_version(con, new)
             if (d_old, d_new) != (o.dim, n.dim):
                 raise CompatkitError(f"transformation {artifact} maps {d_old} -> {d_new} dims, "
@@ -270,8 +270,6 @@ class IndexStore(Database):
     def _fit_calibration(self, rel: Relation, from_vectors: Any,
                          to_vectors: Any) -> ScoreCalibration:
         """The score calibration of ``rel``'s query route on a paired sample."""
-        from compatkit.score_calibration import fit_score_calibration
-
         if from_vectors is None or to_vectors is None:
             raise ValueError(f"calibrating {rel.describe()} needs a paired sample: "
                              f"from_vectors ({rel.old!r} vectors) and to_vectors ({rel.new!r} "
