@@ -11,10 +11,10 @@ the adapter, merged into one top-k exactly as the index merges them
 against old vectors as they are), the adapter without calibration, with mean/std matching of
 all the sample's scores, with a least-squares regression of the direct scores on the adapted
 ones, and with mean/std matching of each sample query's top 10 % scores (what the index fits
-and stores, ``compatkit.score_calibration``). Last, the serving path itself: an FCT-style MLP
-adapter is trained on the pairs, registered in an ``IndexStore`` with its calibration, and
-the index's live top-1 over collections frozen at some backfill fractions is printed next to
-the bridged curve's (they must be equal).
+and stores, ``compatkit.score_calibration``); then the same for an FCT-style MLP adapter
+trained here on the pairs. Last, the serving path itself: the MLP adapter is registered in an
+``IndexStore`` with its calibration, and the index's live top-1 over collections frozen at
+some backfill fractions is printed next to the bridged curve's (they must be equal).
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/adapter_backfill.py \\
         --root ../shared/data/omniglot --out runs/adapter_backfill/omniglot
@@ -33,6 +33,7 @@ import torch
 
 from compatkit.eval import backfill_curve, retrieval_metrics
 from compatkit.eval.bridged import bridged_backfill_curve
+from compatkit.feature_upgrade import apply_transformation
 from compatkit.inference import embed_images
 from compatkit.ordering import backfill_order
 from compatkit.score_calibration import ScoreCalibration, fit_score_calibration
@@ -64,19 +65,9 @@ def regression_calibration(mapped: np.ndarray, target: np.ndarray,
     return ScoreCalibration(float(slope), float(intercept), len(mapped))
 
 
-def index_check(work: Path, pairs_new: np.ndarray, pairs_old: np.ndarray,
-                test_new: np.ndarray, test_old: np.ndarray, labels: np.ndarray,
-                order: np.ndarray) -> list[tuple[float, float, float]]:
-    """The serving path on the same features: an FCT-style MLP adapter (trained here, saved
-    as a transformation artifact) registered with a calibration, collections frozen at some
-    backfill fractions, every test image a query. Returns (fraction, the index's top-1
-    accuracy, the bridged curve's cmc@1) rows; the two must be equal."""
-    import shutil
-
-    from compatkit.artifacts import Manifest, save_module
-    from compatkit.index import IndexStore, ItemInput
+def fit_mlp(pairs_new: np.ndarray, pairs_old: np.ndarray) -> torch.nn.Module:
+    """An FCT-style MLP query adapter new -> old: 300 Adam steps of squared error."""
     from compatkit.models import create_transformation
-    from compatkit.ordering import backfill_count
 
     torch.manual_seed(0)
     module = create_transformation(d_old=pairs_new.shape[1], d_new=pairs_old.shape[1],
@@ -89,7 +80,22 @@ def index_check(work: Path, pairs_new: np.ndarray, pairs_old: np.ndarray,
         optim.zero_grad()
         loss.backward()
         optim.step()
-    module.eval()
+    return module.eval()
+
+
+def index_check(work: Path, module: torch.nn.Module, pairs_new: np.ndarray,
+                pairs_old: np.ndarray, test_new: np.ndarray, test_old: np.ndarray,
+                labels: np.ndarray, order: np.ndarray) -> list[tuple[float, float, float]]:
+    """The serving path on the same features: the MLP adapter saved as a transformation
+    artifact, registered with a calibration, collections frozen at some backfill fractions,
+    every test image a query. Returns (fraction, the index's top-1 accuracy, the bridged
+    curve's cmc@1) rows; the two must be equal."""
+    import shutil
+
+    from compatkit.artifacts import Manifest, save_module
+    from compatkit.index import IndexStore, ItemInput
+    from compatkit.ordering import backfill_count
+
     shutil.rmtree(work, ignore_errors=True)
     adapter = save_module(work / "adapter", module, Manifest(
         kind="transformation", model_version="adapter-new-old", spec=module.spec,
@@ -161,13 +167,24 @@ def main() -> None:
             mapped, pairs_old, pairs_new),
     }
     adapted = test_new @ weights
+    mlp = fit_mlp(pairs_new, pairs_old)
+    mlp_mapped = apply_transformation(mlp, pairs_new)
+    mlp_adapted = apply_transformation(mlp, test_new)
+    mlp_calibrations: dict[str, ScoreCalibration | None] = {
+        "MLP adapter, no calibration": None,
+        "MLP adapter + mean/std, all scores": fit_score_calibration(
+            mlp_mapped, pairs_old, pairs_new, tail=1.0),
+        "MLP adapter + mean/std, top 10 % (index default)": fit_score_calibration(
+            mlp_mapped, pairs_old, pairs_new),
+    }
 
     def m(q: np.ndarray, g: np.ndarray) -> float:
         return retrieval_metrics(q, labels, g, labels, metrics=["map"], exclude_self=True)["map"]
 
     refs = {"old/old": m(test_old, test_old), "new/new": m(test_new, test_new),
             "new/old (no adapter)": m(test_new, test_old),
-            "A(new)/old (adapter)": m(adapted, test_old)}
+            "A(new)/old (linear adapter)": m(adapted, test_old),
+            "A(new)/old (MLP adapter)": m(mlp_adapted, test_old)}
     rows: dict[str, Any] = {}
     sweep: dict[str, list[float]] = {}
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -177,11 +194,12 @@ def main() -> None:
         curves = {"no adapter": backfill_curve(
             test_new, labels, test_old, test_new, labels, order, fractions=FRACTIONS,
             metrics=["map", "cmc@1"], exclude_self=True, old_query=test_old)}
-        for name, cal in calibrations.items():
-            curves[name] = bridged_backfill_curve(
-                test_new, adapted, labels, test_old, test_new, labels, order, calibration=cal,
-                old_query=test_old, fractions=FRACTIONS, metrics=["map", "cmc@1"],
-                exclude_self=True)
+        for queries, cals in ((adapted, calibrations), (mlp_adapted, mlp_calibrations)):
+            for name, cal in cals.items():
+                curves[name] = bridged_backfill_curve(
+                    test_new, queries, labels, test_old, test_new, labels, order,
+                    calibration=cal, old_query=test_old, fractions=FRACTIONS,
+                    metrics=["map", "cmc@1"], exclude_self=True)
         for name, curve in curves.items():
             rows.setdefault(name, []).append(curve.to_json())
         for tail in tails:
@@ -189,13 +207,14 @@ def main() -> None:
             sweep.setdefault(str(tail), []).append(bridged_backfill_curve(
                 test_new, adapted, labels, test_old, test_new, labels, order, calibration=cal,
                 fractions=FRACTIONS, metrics=["map"], exclude_self=True).auc["map"]["trapezoid"])
-    checks = index_check(args.out / "index_check", pairs_new, pairs_old, test_new, test_old,
-                         labels, backfill_order("random", len(labels), seed=seeds[0]))
+    checks = index_check(args.out / "index_check", mlp, pairs_new, pairs_old, test_new,
+                         test_old, labels, backfill_order("random", len(labels), seed=seeds[0]))
     result = {
         "index_check_top1": checks,
         "pairs": len(pick), "test_images": len(labels), "test_classes": len(set(labels)),
         "ridge": args.ridge, "seeds": seeds, "references_map": refs,
-        "calibrations": {k: None if v is None else v.to_json() for k, v in calibrations.items()},
+        "calibrations": {k: None if v is None else v.to_json()
+                         for k, v in {**calibrations, **mlp_calibrations}.items()},
         "curves": rows, "tail_sweep_area": sweep,
         "seconds": round(time.perf_counter() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
