@@ -317,9 +317,8 @@ def _load_npz(path: Path) -> VectorsFile:
             arrays = {key: npz[key] for key in npz.files}
     except (ValueError, OSError) as err:
         raise _vectors_error(path, str(err)) from None
-    missing = [key for key in ("ids", "vectors") if key not in arrays]
-    if missing:
-        raise _vectors_error(path, f"the .npz has no {' and no '.join(missing)} entry "
+    if "vectors" not in arrays:
+        raise _vectors_error(path, f"the .npz has no vectors entry "
                                    f"(entries: {', '.join(sorted(arrays)) or 'none'})")
     metadata = None
     if "metadata" in arrays:
@@ -333,8 +332,8 @@ def _load_npz(path: Path) -> VectorsFile:
             raise _vectors_error(path, f"{len(metadata)} metadata rows for "
                                        f"{len(arrays['vectors'])} vectors")
     version = str(arrays["version"]) if "version" in arrays else None
-    return VectorsFile(arrays["vectors"], [str(i) for i in arrays["ids"].tolist()], metadata,
-                       version)
+    ids = [str(i) for i in arrays["ids"].tolist()] if "ids" in arrays else None
+    return VectorsFile(arrays["vectors"], ids, metadata, version)
 
 
 def save_vectors_file(

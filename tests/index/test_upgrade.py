@@ -315,7 +315,8 @@ def test_hot_refresh_needs_compatibility_and_one_job_at_a_time(tmp_path):
         coll.start_upgrade("vB")
     assert str(err.value) == (
         "hot-refresh serves 'vB' at once, so 'vB' must be able to search 'vA' vectors; declare "
-        "'vB' compatible with 'vA', or use the 'cold' or 'transform' strategy")
+        "'vB' compatible with 'vA' or a query adapter (a transformation 'vB' -> 'vA'), or use "
+        "the 'cold' or 'transform' strategy")
     coll.start_upgrade("vB", strategy="cold")
     with pytest.raises(StateConflictError, match=r"collection 'c' has upgrade job 1 \(running\)"):
         coll.start_upgrade("vB", strategy="cold")

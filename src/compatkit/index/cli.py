@@ -32,6 +32,14 @@ JobOpt = Annotated[int | None, typer.Option("--job", help="job id (default: the 
 DEFAULT_STORE = Path("index-store")
 #: Fields of a job status printed as ISO-8601 UTC times (epoch seconds in --json).
 TIME_FIELDS = ("created", "updated", "finished")
+CalibrateOpt = Annotated[bool | None, typer.Option(
+    "--calibrate/--no-calibrate",
+    help="a query adapter: fit its score calibration on --from-vectors/--to-vectors "
+         "(--no-calibrate removes a stored one; default: keep it)")]
+FromVectorsOpt = Annotated[Path | None, typer.Option(
+    help="paired sample, the transformation's source version (.npy/.npz/.safetensors)")]
+ToVectorsOpt = Annotated[Path | None, typer.Option(
+    help="the same items in its target version, row for row")]
 
 
 def _open(store: Path, *, create: bool = False) -> Any:
@@ -61,12 +69,16 @@ def register(
     store: StoreOpt = DEFAULT_STORE,
     new: Annotated[str | None, typer.Option(help="transformation target version")] = None,
     side_version: Annotated[str | None, typer.Option(help="side-info version it needs")] = None,
+    calibrate: CalibrateOpt = None,
+    from_vectors: FromVectorsOpt = None,
+    to_vectors: ToVectorsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Register an artifact: a model version (with its compatibility relations) or a
-    transformation."""
-    out = _open(store, create=True).register_artifact(_artifact(artifact), new=new,
-                                                      side_version=side_version)
+    transformation (a query adapter NEW -> OLD with --calibrate)."""
+    out = _open(store, create=True).register_artifact(
+        _artifact(artifact), new=new, side_version=side_version, calibrate=calibrate,
+        **_pair_vectors(from_vectors, to_vectors))
     _echo(asdict(out), as_json)
 
 
@@ -154,16 +166,24 @@ def relate(
     store: StoreOpt = DEFAULT_STORE,
     artifact: Annotated[Path | None, typer.Option(help="transformation folder")] = None,
     side_version: Annotated[str | None, typer.Option(help="side-info version")] = None,
+    calibrate: CalibrateOpt = None,
+    from_vectors: FromVectorsOpt = None,
+    to_vectors: ToVectorsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Declare NEW compatible with OLD, or a transformation OLD -> NEW (--artifact)."""
+    """Declare NEW compatible with OLD, or a transformation OLD -> NEW (--artifact; a query
+    adapter when OLD is the newer model, calibrated with --calibrate)."""
     st = _open(store)
     if kind == "compatible":
+        if calibrate is not None or from_vectors is not None or to_vectors is not None:
+            raise CompatkitError("--calibrate, --from-vectors and --to-vectors apply to a "
+                                 "transform relation")
         rel = st.declare_compatible(new, old)
     elif kind == "transform":
         if artifact is None:
             raise CompatkitError("a transform relation needs --artifact")
-        rel = st.declare_transform(old, new, artifact, side_version=side_version)
+        rel = st.declare_transform(old, new, artifact, side_version=side_version,
+                                   calibrate=calibrate, **_pair_vectors(from_vectors, to_vectors))
     else:
         raise CompatkitError(f"relation kind must be 'compatible' or 'transform', got {kind!r}")
     _echo(asdict(rel), as_json)
@@ -465,6 +485,14 @@ def serve(
         raise CompatkitError(f"bad service settings: {reasons}") from None
     app = create_app(_open(store, create=True), settings)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def _pair_vectors(from_vectors: Path | None, to_vectors: Path | None) -> dict[str, Any]:
+    """The paired sample's arrays read from their files (None where no file is given)."""
+    from compatkit.artifacts import load_vectors_file
+
+    return {name: None if path is None else load_vectors_file(path).vectors
+            for name, path in (("from_vectors", from_vectors), ("to_vectors", to_vectors))}
 
 
 def _artifact(path: Path) -> Path:

@@ -93,10 +93,24 @@ class VersionCreate(_In):
     embedder: HashEmbedderSpec | ModelFileEmbedderSpec | PythonEmbedderSpec | None = None
 
 
-class ArtifactRegister(_In):
+Path = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class CalibrationFields(_In):
+    """A query adapter's score calibration: ``calibrate`` true fits it on a paired sample
+    (``from_vectors``, ``to_vectors``: .npy/.npz/.safetensors files on the server, row i one
+    item, in the transformation's source and target versions), false removes a stored one,
+    absent keeps what is stored."""
+
+    calibrate: bool | None = None
+    from_vectors: Path | None = None
+    to_vectors: Path | None = None
+
+
+class ArtifactRegister(CalibrationFields):
     """Register what a model/side-info/transformation artifact folder on the server holds."""
 
-    path: Annotated[str, Field(min_length=1, max_length=4096)]
+    path: Path
     new: Name | None = None
     side_version: Name | None = None
 
@@ -114,13 +128,14 @@ class VersionsPublic(_Out):
     count: int
 
 
-class RelationCreate(_In):
-    """Declare ``new`` compatible with ``old``, or a transformation artifact ``old -> new``."""
+class RelationCreate(CalibrationFields):
+    """Declare ``new`` compatible with ``old``, or a transformation artifact ``old -> new``
+    (a query adapter when ``old`` is the newer model; see ``CalibrationFields``)."""
 
     kind: Literal["compatible", "transform"]
     old: Name
     new: Name
-    artifact: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    artifact: Path | None = None
     side_version: Name | None = None
 
     @model_validator(mode="after")
@@ -129,7 +144,16 @@ class RelationCreate(_In):
             raise ValueError("a transform relation needs artifact")
         if self.kind == "compatible" and (self.artifact or self.side_version):
             raise ValueError("a compatible relation takes no artifact or side_version")
+        if self.kind == "compatible" and (self.calibrate is not None or self.from_vectors
+                                          or self.to_vectors):
+            raise ValueError("a compatible relation takes no calibration")
         return self
+
+
+class CalibrationPublic(_Out):
+    scale: float
+    shift: float
+    pairs: int
 
 
 class RelationPublic(_Out):
@@ -140,6 +164,7 @@ class RelationPublic(_Out):
     side_version: str | None
     origin: str
     description: str
+    calibration: CalibrationPublic | None = None
 
 
 class RelationsPublic(_Out):
