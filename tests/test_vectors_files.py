@@ -67,8 +67,10 @@ def test_vectors_files_refuse_clearly(tmp_path):
                                              r"float32 of shape \(4,\)"):
         load_vectors_file(tmp_path / "flat.npy")
     np.savez(tmp_path / "noids.npz", vectors=np.zeros((2, 3), dtype=np.float32))
-    with pytest.raises(CompatkitError, match=r"the \.npz has no ids entry"):
-        load_vectors_file(tmp_path / "noids.npz")
+    assert load_vectors_file(tmp_path / "noids.npz").ids is None
+    np.savez(tmp_path / "novectors.npz", ids=np.asarray(["a"]))
+    with pytest.raises(CompatkitError, match=r"the \.npz has no vectors entry"):
+        load_vectors_file(tmp_path / "novectors.npz")
     save_vectors_file(tmp_path / "two.npy", np.zeros((2, 3)))
     (tmp_path / "ids.txt").write_text("a\n")
     with pytest.raises(CompatkitError, match="holds 2 vectors but 1 ids"):

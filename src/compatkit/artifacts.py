@@ -260,13 +260,14 @@ class VectorsFile:
 def _vectors_error(path: Path, detail: str) -> CompatkitError:
     return CompatkitError(f"cannot read vectors from {path}: {detail} (formats read: "
                           f"{', '.join(VECTOR_FORMATS)}: a compatkit features file, a .npy "
-                          "(N, D) array, or a .npz with ids, vectors and optional metadata)")
+                          "(N, D) array, or a .npz with vectors and optional ids, metadata and "
+                          "version)")
 
 
 def load_vectors_file(path: str | Path, *, ids: str | Path | None = None) -> VectorsFile:
     """Read vectors from a features file (``.safetensors``), a ``.npy`` (N, D) array or a
-    ``.npz`` with ``ids`` (N,), ``vectors`` (N, D), optional ``metadata`` (N,) JSON objects and
-    optional ``version``.
+    ``.npz`` with ``vectors`` (N, D) and optional ``ids`` (N,), ``metadata`` (N,) JSON objects
+    and ``version``.
 
     Args:
         ids: a text file with one id per line, one per row (a ``.npy`` has no ids of its own).

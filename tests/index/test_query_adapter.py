@@ -250,7 +250,7 @@ def test_cli_declares_a_calibrated_adapter_and_starts_the_upgrade(tmp_path, adap
     st.close()
     pairs = pair_vectors()
     np.save(tmp_path / "from.npy", pairs["from_vectors"])
-    np.savez(tmp_path / "to.npz", features=pairs["to_vectors"])
+    np.savez(tmp_path / "to.npz", vectors=pairs["to_vectors"])
     rel = json.loads(run("register", adapter, "--calibrate", "--from-vectors",
                          str(tmp_path / "from.npy"), "--to-vectors", str(tmp_path / "to.npz"),
                          "--json"))
