@@ -22,7 +22,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture()
 def pair_files(tmp_path):
-    """Training pairs (.npy) and held-out items (.npz with labels); new = old·Q exactly."""
+    """Training pairs (.npy) and held-out items (.npz with labels in metadata); new = old·Q."""
+    from compatkit.artifacts import save_vectors_file
+
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(10), 6)
     old = rng.normal(size=(10, 6))[labels] + 0.5 * rng.normal(size=(60, 6))
@@ -32,8 +34,9 @@ def pair_files(tmp_path):
              "test_old": tmp_path / "test_old.npz", "test_new": tmp_path / "test_new.npz"}
     np.save(paths["old"], old[:40].astype(np.float32))
     np.save(paths["new"], new[:40].astype(np.float32))
-    np.savez(paths["test_old"], features=old[40:].astype(np.float32), labels=labels[40:])
-    np.savez(paths["test_new"], features=new[40:].astype(np.float32), labels=labels[40:])
+    meta = [{"label": int(lab)} for lab in labels[40:]]
+    save_vectors_file(paths["test_old"], old[40:].astype(np.float32), metadata=meta)
+    save_vectors_file(paths["test_new"], new[40:].astype(np.float32), metadata=meta)
     return paths
 
 
@@ -109,4 +112,4 @@ def test_fit_rejects_an_unknown_file_type(pair_files, tmp_path):
     res = run_cli("fit", "--old", str(tmp_path / "v.csv"), "--new", str(pair_files["new"]),
                   "--kind", "linear", "--direction", "old-to-new", "--out", str(tmp_path / "a"))
     assert res.returncode == 2
-    assert "expected .npy, .npz or a compatkit features file" in res.stderr
+    assert "unknown suffix '.csv'" in res.stderr

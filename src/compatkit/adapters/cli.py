@@ -1,7 +1,8 @@
 """``compatkit adapt ...``: fit an adapter from paired vectors, evaluate it, size the pair budget.
 
-Vector files are ``.npy`` (the matrix), ``.npz`` (``features`` and optional ``labels``) or
-compatkit features files (``.safetensors``), row i of each file the same item. Mounted by
+Vector files are what ``compatkit.artifacts.load_vectors_file`` reads (``.npy``, ``.npz`` with
+``vectors``, compatkit features files), row i of each file the same item; labels come from the
+rows' metadata ``label`` or ``--labels``. Mounted by
 ``compatkit.cli`` as ``app.add_typer(adapt_app, name="adapt")``.
 """
 
@@ -19,7 +20,7 @@ from compatkit.errors import CompatkitError
 adapt_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Adapters between two embedding models, fitted from paired vectors.")
 
-OldOpt = Annotated[Path, typer.Option("--old", help="old-model vectors (.npy, .npz, features)")]
+OldOpt = Annotated[Path, typer.Option("--old", help="old-model vectors (.npy, .npz, .safetensors)")]
 NewOpt = Annotated[Path, typer.Option("--new", help="new-model vectors of the same items")]
 SideOpt = Annotated[Path | None, typer.Option(
     "--side", help="side-information vectors of the same items (kind fct)")]

@@ -134,7 +134,8 @@ def _labels(labels: np.ndarray | None, *sets: Vectors) -> np.ndarray:
         if v.labels is not None:
             return v.labels
     raise CompatkitError("the held-out items need class labels: pass --labels (a .npy of "
-                         "(n,) class ids), or use features files or .npz files with 'labels'")
+                         "(n,) class ids), or use features files or .npz files whose metadata "
+                         "has a 'label' per row")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""Reading paired vectors: ``.npy``, ``.npz`` and compatkit features files, with their checks.
+"""Paired vectors for adapters, read with the one vectors-file reader, and their checks.
 
-Row i of every file is the same item. A features file (``.safetensors``) brings its model
-version, normalisation, labels and item ids; a ``.npz`` may hold ``features`` (or a single
-array) and ``labels``; a ``.npy`` is the (N, d) matrix alone.
+Row i of every file is the same item. Files are what ``compatkit.artifacts.load_vectors_file``
+reads: a features file (``.safetensors``: model version, normalisation, labels, item ids), a
+``.npy`` (the (N, d) matrix alone) or a ``.npz`` (``vectors``, optional ``ids``, ``metadata``
+JSON objects per row, ``version``). Class labels come from each row's metadata ``label``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from compatkit.errors import CompatkitError
 class Vectors:
     """One model's vectors of N items, with what the file says about them.
 
-    Shapes: features (N, d) float32; labels (N,) int64 or None; ids (N,) int64 or None.
+    Shapes: features (N, d) float32; labels (N,) int64 or None; ids (N,) str or None.
     """
 
     features: np.ndarray
@@ -45,59 +46,25 @@ class Vectors:
 
 
 def load_vectors(path: str | Path, what: str = "vectors") -> Vectors:
-    """Read one model's vectors from a ``.npy``, ``.npz`` or compatkit features file.
+    """Read one model's vectors with ``compatkit.artifacts.load_vectors_file``; labels are the
+    rows' metadata ``label`` when every row has one.
 
     Raises:
-        CompatkitError: a missing or unreadable file, an unknown suffix, a ``.npz`` without a
-            ``features`` array (when it holds several), or values that are not an (N, d) matrix.
+        CompatkitError: a missing or unreadable file, an unknown format, or values that are not
+            an (N, d) matrix.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CompatkitError(f"{what} file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from compatkit.artifacts import load_features
+    from compatkit.artifacts import load_vectors_file
 
-        fs = load_features(path)
-        return _checked(Vectors(fs.features, fs.labels, fs.ids, fs.manifest.model_version,
-                                fs.manifest.normalized), path, what)
-    if suffix not in (".npy", ".npz"):
-        raise CompatkitError(f"{what} file {path}: expected .npy, .npz or a compatkit features "
-                             f"file (.safetensors), got suffix {path.suffix!r}")
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise CompatkitError(f"cannot read {what} from {path}: {err}") from None
-    if suffix == ".npy":
-        return _checked(Vectors(loaded), path, what)
-    with loaded:
-        keys = list(loaded.keys())
-        if "features" in keys:
-            features = loaded["features"]
-        elif len(keys) == 1:
-            features = loaded[keys[0]]
-        else:
-            raise CompatkitError(f"{what} file {path} holds arrays {keys}; name the vectors "
-                                 "'features' (and optionally 'labels', 'ids')")
-        labels = loaded["labels"] if "labels" in keys else None
-        ids = loaded["ids"] if "ids" in keys else None
-    return _checked(Vectors(features, labels, ids), path, what)
-
-
-def _checked(v: Vectors, path: Path, what: str) -> Vectors:
-    feats = np.asarray(v.features)
-    if feats.ndim != 2 or feats.shape[1] < 1 or not np.issubdtype(feats.dtype, np.number):
-        raise CompatkitError(f"{what} in {path} must be a numeric (N, d) matrix, got shape "
-                             f"{feats.shape} of {feats.dtype}")
-    n = feats.shape[0]
-    for name, arr in (("labels", v.labels), ("ids", v.ids)):
-        if arr is not None and np.shape(arr) != (n,):
-            raise CompatkitError(f"{what} in {path}: {name} must have shape ({n},), got "
-                                 f"{np.shape(arr)}")
-    return Vectors(feats.astype(np.float32, copy=False),
-                   None if v.labels is None else np.asarray(v.labels).astype(np.int64),
-                   None if v.ids is None else np.asarray(v.ids).astype(np.int64),
-                   v.version, v.normalized)
+        vf = load_vectors_file(path)
+    except CompatkitError as err:
+        raise CompatkitError(f"{what}: {err}") from None
+    labels = None
+    if vf.metadata and all("label" in m for m in vf.metadata):
+        labels = np.array([int(m["label"]) for m in vf.metadata], dtype=np.int64)
+    return Vectors(np.asarray(vf.vectors, dtype=np.float32), labels,
+                   None if vf.ids is None else np.array(vf.ids, dtype=str), vf.version,
+                   None if vf.manifest is None else vf.manifest.normalized)
 
 
 def check_pairs(old: Vectors, new: Vectors, side: Vectors | None = None) -> None:
