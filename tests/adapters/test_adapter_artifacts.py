@@ -146,3 +146,31 @@ def test_index_upgrades_a_collection_through_a_gallery_adapter(tmp_path):
     expected = fitted.module(torch.from_numpy(old[3:4])).embedding.detach().numpy()[0]
     np.testing.assert_allclose(got.vector, expected / np.linalg.norm(expected), atol=1e-5)
     store.close()
+
+
+def test_index_serves_new_queries_through_a_fitted_query_adapter(tmp_path):
+    from compatkit.index import HashEmbedder, IndexStore, ItemInput
+
+    old_model, new_model = HashEmbedder("vA", 8, seed=0), HashEmbedder("vB", 6, seed=1)
+    pairs = [f"pair{i}" for i in range(40)]
+    from compatkit.adapters.io import Vectors
+
+    fitted = fit_adapter(Vectors(old_model.embed_sources(pairs), version="vA"),
+                         Vectors(new_model.embed_sources(pairs), version="vB"), "linear",
+                         "new-to-old")
+    store = IndexStore(tmp_path / "store")
+    store.register_version("vA", dim=8, embedder=old_model)
+    store.register_version("vB", dim=6, embedder=new_model)
+    coll = store.create_collection("c", "vA")
+    coll.add([ItemInput(f"i{i}", source=f"src{i}") for i in range(30)])
+    store.register_artifact(save_adapter(fitted, tmp_path / "adapter"))
+    queries = new_model.embed_sources(["q0", "q1"])
+    adapted = unit(fitted.module(torch.from_numpy(queries)).embedding.detach().numpy())
+    stored = unit(np.stack([coll.get(f"i{i}", with_vectors=True).current.vector
+                            for i in range(30)]))
+    for row, res in zip(adapted @ stored.T, coll.search_batch(queries, version="vB", k=5),
+                        strict=True):
+        assert [h.id for h in res.hits] == [f"i{j}" for j in np.argsort(-row, kind="stable")[:5]]
+        np.testing.assert_allclose([h.score for h in res.hits], np.sort(row)[::-1][:5],
+                                   atol=1e-5)
+    store.close()
