@@ -1,0 +1,139 @@
+"""Concurrent searches of one process gathered into batched calls, as inference servers batch.
+
+A search that finds the process idle runs at once (a lone query pays no window); searches that
+arrive while a batch runs wait for it and then go together as the next batch, at most
+``max_queries`` query rows. A batch runs one ``SearchCache.search`` per (collection, query
+version) with the largest ``k`` asked, cuts each request's rows to its own ``k``, and reads
+every hit's item row in one SQLite read (``fetch_hits_batch``). The cache rescores its
+candidates exactly, so a query's answer does not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from compatkit.index.options import GroupKey
+from compatkit.index.search import SearchResult, SearchStore, fetch_hits_batch
+
+#: Query rows per batch by default; a request with more rows still runs whole.
+MAX_BATCH_QUERIES = 256
+
+Rows = list[tuple[float, int, GroupKey]]
+
+
+@dataclass(eq=False)
+class _Request:
+    collection: str
+    version: str
+    queries: np.ndarray
+    k: int
+    with_metadata: bool
+    wake: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
+    rows: list[Rows] = field(default_factory=list)
+    results: list[SearchResult] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+class SearchBatcher:
+    """Runs the searches of many threads as batches; one batch at a time per batcher.
+
+    Args:
+        store: the store whose search caches answer.
+        max_queries: query rows per batch (at least 1).
+    """
+
+    def __init__(self, store: SearchStore, *, max_queries: int = MAX_BATCH_QUERIES) -> None:
+        if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
+            raise ValueError(f"max_queries must be a positive integer, got {max_queries!r}")
+        self.store, self.max_queries = store, max_queries
+        self._lock = threading.Lock()
+        self._pending: list[_Request] = []
+        self._busy = False
+        self.batches = 0  # batches run so far (for benchmarks and tests)
+
+    def search(self, collection: str, queries: np.ndarray, version: str, k: int, *,
+               with_metadata: bool = True) -> list[SearchResult]:
+        """Top-k of each row of ``queries`` (nq, d) of ``version`` over ``collection``.
+
+        The same answer as ``SearchCache.search`` + ``fetch_hits`` for these queries alone;
+        it sees every write committed before the call. Errors of the search (unknown
+        collection, incompatible spaces) are raised here, to this caller only.
+        """
+        req = _Request(collection, version, queries, k, with_metadata)
+        with self._lock:
+            self._pending.append(req)
+            lead = not self._busy
+            self._busy = True
+        if not lead:
+            req.wake.wait()
+        if not req.finished:  # woken (or first) to run the next batch, which holds req
+            self._lead()
+        if req.error is not None:
+            raise req.error
+        return req.results
+
+    def _lead(self) -> None:
+        with self._lock:
+            batch, rows = [], 0
+            while self._pending and (not batch or rows + len(self._pending[0].queries)
+                                     <= self.max_queries):
+                req = self._pending.pop(0)
+                batch.append(req)
+                rows += len(req.queries)
+        try:
+            self._run(batch)
+        finally:
+            with self._lock:
+                successor = self._pending[0] if self._pending else None
+                self._busy = successor is not None
+            for req in batch:
+                req.finished = True
+                req.wake.set()
+            if successor is not None:
+                successor.wake.set()
+
+    def _run(self, batch: list[_Request]) -> None:
+        self.batches += 1
+        by_space: dict[tuple[str, str], list[_Request]] = defaultdict(list)
+        for req in batch:
+            by_space[(req.collection, req.version)].append(req)
+        for (collection, version), reqs in by_space.items():
+            queries = np.concatenate([r.queries for r in reqs]) if len(reqs) > 1 \
+                else reqs[0].queries
+            try:
+                found = self.store.search_cache(collection).search(
+                    queries, version, max(r.k for r in reqs))
+            except Exception as err:  # this group's requests only
+                for req in reqs:
+                    req.error = err
+                continue
+            start = 0
+            for req in reqs:
+                req.rows = [r[:req.k] for r in found[start:start + len(req.queries)]]
+                start += len(req.queries)
+        answered = [r for r in batch if r.error is None]
+        try:
+            hits = fetch_hits_batch(self.store, [rows for r in answered for rows in r.rows],
+                                    with_metadata=[r.with_metadata for r in answered
+                                                   for _ in r.rows])
+        except Exception as err:
+            for req in answered:
+                req.error = err
+            return
+        start = 0
+        for req in answered:
+            req.results = [SearchResult(req.version, h)
+                           for h in hits[start:start + len(req.rows)]]
+            start += len(req.rows)
+
+
+class BatchingStore(SearchStore, Protocol):
+    """A store with a search cache per collection and one batcher (``IndexStore``)."""
+
+    def search_batcher(self) -> SearchBatcher: ...
