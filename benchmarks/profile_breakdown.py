@@ -2,7 +2,8 @@
 
 Reads the collapsed stacks ``py-spy record --format raw`` writes (one ``frame;frame;... count``
 per line, idle threads left out) and charges each sample to waiting when its innermost
-frame waits, else to the first stage of ``STAGES`` with a marker in its stack. ``serve_load.py --profile`` records and calls it.
+frame waits, else to the first stage of ``STAGES`` with a marker in its stack.
+``serve_load.py --profile`` records and calls it.
 
 Run:  python benchmarks/profile_breakdown.py PROFILE.txt
 """

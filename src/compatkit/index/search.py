@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from compatkit.errors import UnknownNameError
 from compatkit.index.backends import open_backend
 from compatkit.index.db import (
     Database,
@@ -43,7 +44,6 @@ from compatkit.index.db import (
 from compatkit.index.options import BackendOptions, GroupIndex, GroupKey, SearchBackend
 from compatkit.index.slots import current_vectors
 from compatkit.index.vectors import l2_normalize, stack_blobs
-from compatkit.errors import UnknownNameError
 from compatkit.index.versions import Relation, Route, VersionInfo, find_route
 
 logger = logging.getLogger(__name__)
