@@ -375,19 +375,20 @@ def serve(
                            ] = None,
     worker: Annotated[bool, typer.Option(help="run upgrade batches in the server")] = True,
     max_body_mb: Annotated[float, typer.Option(help="largest request body")] = 8.0,
+    workers: Annotated[int, typer.Option(
+        min=1, help="server processes on the store (on 2 cores: 2)")] = 1,
 ) -> None:
-    """Serve the index over HTTP (FastAPI + uvicorn)."""
-    import uvicorn
-
-    from compatkit.index.service import ServiceSettings, create_app
+    """Serve the index over HTTP (FastAPI + uvicorn), in one process or --workers."""
+    from compatkit.index.service import ServiceSettings
+    from compatkit.index.service.launch import serve as serve_store
 
     try:
         settings = ServiceSettings(admin_token=token, source_root=source_root, run_worker=worker,
                                    max_body_bytes=int(max_body_mb * 1024 * 1024))
     except ValueError as err:
         raise CompatkitError(f"bad service settings: {err}") from None
-    app = create_app(_open(store, create=True), settings)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    _open(store, create=True).close()
+    serve_store(store, settings, host=host, port=port, workers=workers)
 
 
 def _artifact(path: Path) -> Path:
