@@ -57,6 +57,12 @@ class SearchBatcher:
         self._busy = False
         self.batches = 0  # batches run so far (for benchmarks and tests)
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued for the next batch now."""
+        with self._lock:
+            return len(self._pending)
+
     def search(self, collection: str, queries: np.ndarray, version: str, k: int, *,
                with_metadata: bool = True) -> list[SearchResult]:
         """Top-k of each row of ``queries`` (nq, d) of ``version`` over ``collection``.
