@@ -58,7 +58,7 @@ def test_concurrent_batched_searches_equal_one_by_one(store, two_collections, mo
     assert all(len(a[1]) == k for a, (_, _, k, _) in zip(alone, requests, strict=False))
 
     # hold the first batch until every other request waits: they must go as one batch
-    batcher = store.search_batcher()
+    gatherer = store.search_batcher().gatherer
     entered, release = threading.Event(), threading.Event()
     real_search = SearchCache.search
 
@@ -78,20 +78,20 @@ def test_concurrent_batched_searches_equal_one_by_one(store, two_collections, mo
         except IncompatibleSpacesError as err:
             answers[i] = err
 
-    before = batcher.batches
+    before = gatherer.batches
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
     threads[0].start()
     assert entered.wait(30)
     for t in threads[1:]:
         t.start()
     deadline = time.monotonic() + 30
-    while batcher.waiting < len(requests) - 1 and time.monotonic() < deadline:
+    while gatherer.waiting < len(requests) - 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert batcher.waiting == len(requests) - 1
+    assert gatherer.waiting == len(requests) - 1
     release.set()
     for t in threads:
         t.join(30)
-    assert batcher.batches == before + 2  # the held one, then all the others together
+    assert gatherer.batches == before + 2  # the held one, then all the others together
     assert answers[:-1] == alone  # ids, scores, order, versions: exactly
     assert isinstance(answers[-1], IncompatibleSpacesError)  # only that request failed
 
