@@ -121,9 +121,9 @@ def create(
     nlist: Annotated[int | None, typer.Option(help="IVF lists (default 4·√n)")] = None,
     nprobe: Annotated[int, typer.Option(help="IVF lists visited per query")] = 16,
     hnsw_m: Annotated[int, typer.Option(help="HNSW graph degree")] = 32,
-    ef_search: Annotated[int, typer.Option(help="HNSW search beam")] = 128,
+    ef_search: Annotated[int, typer.Option(help="HNSW search beam")] = 256,
     ef_construction: Annotated[int, typer.Option(help="HNSW build beam")
-                               ] = 80,
+                               ] = 200,
     as_json: JsonOpt = False,
 ) -> None:
     """Create an empty collection served by --version (or by the model --artifact)."""
