@@ -153,7 +153,9 @@ def wrk_load(base: str, script: Path, concurrency: int, seconds: float) -> dict:
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
                        out)
     failed = (int(bad.group(1)) if bad else 0) + (sum(map(int, errors.groups())) if errors else 0)
-    dist = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)$", out, flags=re.M))
+    dist = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+[a-z]+)\s*$", out, flags=re.M))
+    if "50" not in dist or "99" not in dist:
+        raise RuntimeError(f"cannot read wrk's latency distribution from:\n{out}")
     return {"ok": n - failed, "failed": failed, "seconds": wall, "qps": (n - failed) / wall,
             "p50_ms": _ms(dist["50"]), "p99_ms": _ms(dist["99"])}
 

@@ -136,3 +136,33 @@ def test_a_killed_server_process_loses_no_acknowledged_write(tmp_path):
         assert coll.get(item).id == item
     assert coll.count() >= 50 + len(acked)
     reopened.close()
+
+
+def test_serve_refuses_a_bad_worker_count(tmp_path):
+    from compatkit.index.service import ServiceSettings
+    from compatkit.index.service.launch import serve
+
+    with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
+        serve(tmp_path, ServiceSettings(admin_token=TOKEN), workers=0)
+
+
+def test_a_worker_app_needs_its_configuration(monkeypatch):
+    from compatkit.index.service.launch import SERVE_ENV, app_from_env
+
+    monkeypatch.delenv(SERVE_ENV, raising=False)
+    with pytest.raises(ValueError, match=SERVE_ENV):
+        app_from_env()
+
+
+def test_a_worker_app_opens_the_store_with_its_own_claim_name(tmp_path, monkeypatch):
+    import json
+
+    from compatkit.index.service.launch import SERVE_ENV, app_from_env
+
+    monkeypatch.setenv(SERVE_ENV, json.dumps({"store": str(tmp_path / "s"), "settings": {
+        "admin_token": TOKEN, "run_worker": False, "worker_name": "svc"}}))
+    app = app_from_env()
+    assert app.state.settings.worker_name == f"svc-{os.getpid()}"
+    assert app.state.settings.admin_token.get_secret_value() == TOKEN
+    assert Path(app.state.store.root) == tmp_path / "s"
+    app.state.store.close()
