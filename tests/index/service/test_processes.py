@@ -1,6 +1,7 @@
 """Several server processes on one store (``launch.serve(workers=2)``): a worker process killed
 with SIGKILL under write and search load loses no acknowledged write, and the other process
-keeps answering."""
+keeps answering; a search begun after a write was acknowledged finds it, whichever process
+answers."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def test_a_killed_server_process_loses_no_acknowledged_write(tmp_path):
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(root), str(port), TOKEN],
                               env=env)
     acked: list[str] = []
+    stale: list[str] = []  # acknowledged, then not found by a search that began after
     searched = [0]
     stop = threading.Event()
 
@@ -92,6 +94,11 @@ def test_a_killed_server_process_loses_no_acknowledged_write(tmp_path):
                                   json={"items": [{"id": item, "vector": vector}]})
                     if r.status_code == 200:
                         acked.append(item)
+                        # a new connection: any of the processes may answer
+                        found = httpx.post(f"{base}/collections/c/search", timeout=10,
+                                           json={"vector": vector, "k": 3})
+                        if item not in {h["id"] for h in found.json()["hits"]}:
+                            stale.append(item)
                 except httpx.HTTPError:
                     pass  # not acknowledged: may or may not be stored
                 i += 1
@@ -114,11 +121,11 @@ def test_a_killed_server_process_loses_no_acknowledged_write(tmp_path):
         _wait_for(lambda: len(_workers(server.pid)) == 2)
         for t in threads:
             t.start()
-        _wait_for(lambda: len(acked) >= 20)
+        _wait_for(lambda: len(acked) >= 10)
         victim = _workers(server.pid)[0]
         os.kill(victim, signal.SIGKILL)
         killed_at = len(acked)
-        _wait_for(lambda: len(acked) >= killed_at + 20)  # the survivor keeps acknowledging
+        _wait_for(lambda: len(acked) >= killed_at + 10)  # the survivor keeps acknowledging
     finally:
         stop.set()
         for t in threads:
@@ -130,6 +137,7 @@ def test_a_killed_server_process_loses_no_acknowledged_write(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
     assert searched[0] > 0
+    assert stale == []
     reopened = IndexStore(root)
     coll = reopened.collection("c")
     for item in acked:
