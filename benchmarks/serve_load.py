@@ -19,6 +19,9 @@ Part 2 (backfill vs inference): a real small compatkit model (resnet18_cifar, wi
 random weights) on 32-px PNG sources: the backfill rate of a hot-refresh upgrade through the
 index (decode + embed + commit) next to ``embed_images`` on the same images already in memory.
 
+With ``--baseline-src OTHER/src`` it then starts the baseline's server (1 process) and this
+tree's (1 and 2 processes) in turn on one store and compares their idle rates.
+
 Run:  PYTHONPATH=src .venv/bin/python benchmarks/serve_load.py --skip-model --workers 2
 """
 
@@ -423,6 +426,48 @@ def http_part(args: argparse.Namespace, work: Path) -> None:
           f"({100 * rate / quiet_rate:.0f}%); job state {status['state']}.")
 
 
+def interleaved_part(args: argparse.Namespace, work: Path) -> None:
+    """Idle search rate of the baseline tree (1 process) and of this tree (1 and 2 processes),
+    started in turn on one store for ``--rounds`` rounds: a fairer comparison than separate runs
+    on a machine whose load changes from minute to minute."""
+    import httpx
+
+    build_store(work / "ab-store", args.items, args.seed)
+    queries = np.random.default_rng(args.seed + 1).standard_normal((256, DIM)).astype(np.float32)
+    configs = [(f"baseline ({args.baseline_src}), 1 process", args.baseline_src, 1),
+               ("this tree, 1 process", args.src, 1), ("this tree, 2 processes", args.src, 2)]
+    rates: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(args.rounds):
+        for name, src, workers in configs:
+            env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            server = subprocess.Popen([sys.executable, "-c", SERVER, str(work / "ab-store"),
+                                       str(port), TOKEN, str(workers)], env=env)
+            try:
+                wait_healthy(base)
+                for _ in range(4 * workers):
+                    httpx.post(f"{base}/collections/bench/search", timeout=300,
+                               json={"vector": queries[0].tolist(), "k": K})
+                load = Load(base, queries, work, args.python_clients)
+                for c in args.concurrency:
+                    rates.setdefault((name, c), []).append(load.run(c, args.ab_seconds))
+            finally:
+                server.terminate()
+                server.wait(60)
+    print(f"\n## Idle search, {args.items:,} items, configurations in turn, {args.rounds} rounds "
+          f"of {args.ab_seconds:.0f} s per concurrency; median q/s (p99 ms) over rounds\n")
+    print("| server | " + " | ".join(f"c={c}" for c in args.concurrency) + " |")
+    print("|---|" + "---:|" * len(args.concurrency))
+    for name, _, _ in configs:
+        cells = []
+        for c in args.concurrency:
+            runs = rates[(name, c)]
+            cells.append(f"{np.median([r['qps'] for r in runs]):.0f} "
+                         f"({np.median([r['p99_ms'] for r in runs]):.0f})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def model_part(args: argparse.Namespace, work: Path) -> None:
     import torch
     from PIL import Image
@@ -490,6 +535,10 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="py-spy the server at concurrency 16")
     p.add_argument("--src", type=Path, default=SRC, help="the compatkit source tree the server "
                    "runs (another checkout's src/ gives its baseline; --workers 1 only there)")
+    p.add_argument("--baseline-src", type=Path, default=None,
+                   help="also compare idle rates with this tree's server, in turn")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of that comparison")
+    p.add_argument("--ab-seconds", type=float, default=5.0, help="per phase of it")
     p.add_argument("--model-items", type=int, default=2048)
     p.add_argument("--model-batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
@@ -500,6 +549,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         if not args.skip_http:
             http_part(args, Path(tmp))
+        if args.baseline_src is not None:
+            interleaved_part(args, Path(tmp))
         if not args.skip_model:
             model_part(args, Path(tmp))
     print(f"\ncpu: {os.cpu_count()} cores visible (shared); python {sys.version.split()[0]}; "
