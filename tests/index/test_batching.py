@@ -168,3 +168,18 @@ def test_a_write_committed_by_another_process_is_seen_by_the_next_search(store):
     assert coll.search(e[5], k=1).hits[0].id == "new"
     assert "i0" not in {h.id for h in coll.search(e[0], k=20).hits}
     other.close()
+
+
+def test_the_change_token_moves_with_every_commit_and_only_then(store):
+    coll = store.create_collection("c", "vA")
+    before = store.change_token()
+    assert store.change_token() == before
+    coll.count()  # a read commits nothing
+    assert store.change_token() == before
+    coll.add([ItemInput("x", vector=np.ones(DIM))])  # this thread's own connection
+    after = store.change_token()
+    assert after != before
+    other = IndexStore(store.root)
+    other.collection("c").delete(["x"])
+    assert store.change_token() != after
+    other.close()
