@@ -183,3 +183,13 @@ def test_the_change_token_moves_with_every_commit_and_only_then(store):
     other.collection("c").delete(["x"])
     assert store.change_token() != after
     other.close()
+
+
+def test_a_lone_request_runs_at_once_in_a_batch_of_its_own():
+    from compatkit.index.batching import Gatherer
+
+    seen: list[list[int]] = []
+    gatherer = Gatherer(lambda batch: seen.append(list(batch)), size=lambda r: 1, max_size=8)
+    for r in (1, 2, 3):
+        gatherer.submit(r)
+    assert seen == [[1], [2], [3]] and gatherer.batches == 3 and gatherer.waiting == 0

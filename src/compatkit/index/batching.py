@@ -108,7 +108,7 @@ class _Request:
     k: int
     with_metadata: bool
     rows: list[Rows] = field(default_factory=list)
-    results: list[SearchResult] = field(default_factory=list)
+    results: list[SearchResult] | None = None
     error: BaseException | None = None
 
 
@@ -139,6 +139,9 @@ class SearchBatcher:
         self.gatherer.submit(req)
         if req.error is not None:
             raise req.error
+        if req.results is None:  # the thread running the batch was interrupted
+            raise RuntimeError(f"the search batch holding this query on {collection!r} was "
+                               "interrupted; retry")
         return req.results
 
     def _run(self, batch: list[_Request]) -> None:
