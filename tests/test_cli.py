@@ -114,3 +114,48 @@ def test_unknown_dataset_is_a_user_error(tmp_path):
     res = run_cli("train", "--set", "data.name=nope", "--out", str(tmp_path))
     assert res.returncode == 2
     assert "unknown dataset 'nope'" in res.stderr
+
+
+def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run the console entry point in this process: (exit status, stdout, stderr)."""
+    from compatkit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["compatkit", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["index", "search", "c", "-k", "abc"], "error: Invalid value for '-k'"),
+    (["index", "nosuchcmd"], "error: No such command 'nosuchcmd'"),
+    (["index", "search"], "error: Missing argument 'name'"),
+    (["index", "search", "c", "--bogus"], "error: No such option: --bogus"),
+    (["nosuchverb"], "error: No such command 'nosuchverb'"),
+])
+def test_usage_errors_are_one_line_and_exit_2(monkeypatch, capsys, args, message):
+    code, out, err = _main(monkeypatch, capsys, *args)
+    assert code == 2
+    assert out == ""
+    assert err.startswith(message), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "--help" in err  # where to look next
+
+
+@pytest.mark.parametrize("args", [[], ["index"], ["--help"]])
+def test_bare_command_prints_help_and_succeeds(monkeypatch, capsys, args):
+    code, out, err = _main(monkeypatch, capsys, *args)
+    assert code == 0
+    assert "Usage:" in out and "Traceback" not in out + err
+
+
+def test_eval_on_a_text_file_named_npy_says_it_is_not_numpy(monkeypatch, capsys, tmp_path):
+    fake = tmp_path / "q.npy"
+    fake.write_text("0.1 0.2\n0.3 0.4\n")
+    code, _, err = _main(monkeypatch, capsys, "eval", "--query-features", str(fake),
+                         "--query-labels", str(fake), "--gallery-features", str(fake),
+                         "--gallery-labels", str(fake))
+    assert code == 2
+    assert err.strip() == (f"error: query features file {fake} is not a numpy file (.npy written "
+                           "by numpy.save); for a features file use .safetensors")

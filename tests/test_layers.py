@@ -23,6 +23,7 @@ INDEX_LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "vectors", "versions"),
     ("options",),
     ("embedders",),
+    ("external_embedders",),
     ("db",),
     ("qdrant_backend",),
     ("backends",),

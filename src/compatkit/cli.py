@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import numpy as np
 import typer
 
@@ -72,17 +71,27 @@ def train(
 @app.command()
 def embed(
     model: Annotated[Path, typer.Option(help="model artifact or run folder")],
-    out: Annotated[Path, typer.Option(help="features file to write (.safetensors)")],
+    out: Annotated[Path, typer.Option(
+        help="file to write, by suffix: .safetensors (features file with labels and the "
+             "model's manifest), .npy (vectors) or .npz (ids, vectors, labels as metadata, "
+             "version)")],
     dataset: Annotated[str | None, typer.Option(help="dataset (default: the model's own)")] = None,
     root: Annotated[str | None, typer.Option(help="dataset root")] = None,
     part: Annotated[str, typer.Option(help="test | train | all")] = "test",
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
 ) -> None:
     """Embed a dataset part with a model → features file with labels and the model's manifest."""
-    from compatkit.artifacts import read_manifest, save_features
+    from compatkit.artifacts import (
+        VECTOR_FORMATS,
+        read_manifest,
+        save_features,
+        save_vectors_file,
+    )
     from compatkit.inference import embed_artifact
     from compatkit.train.config import DataConfig
 
+    if out.suffix.lower() not in VECTOR_FORMATS:
+        raise CompatkitError(f"--out {out}: the suffix must be one of {', '.join(VECTOR_FORMATS)}")
     artifact = _artifact_dir(model)
     data = None
     if dataset is not None or root is not None:
@@ -93,9 +102,33 @@ def embed(
             base["root"] = root
         data = DataConfig.model_validate(base)
     fs = embed_artifact(artifact, data=data, part=part, device=device)
-    save_features(out, fs)
+    if out.suffix.lower() == ".safetensors":
+        save_features(out, fs)
+    else:
+        save_vectors_file(out, fs.features, metadata=[{"label": int(lab)} for lab in fs.labels],
+                          version=fs.manifest.model_version)
     _out({"features": str(out), "count": int(fs.features.shape[0]),
           "dim": int(fs.features.shape[1]), "model_version": fs.manifest.model_version})
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="model artifact or run folder")],
+    format: Annotated[str, typer.Option("--format", help="onnx | torchscript")],
+    out: Annotated[Path, typer.Option(help="file to write (.onnx, .pt)")],
+) -> None:
+    """Export a model as one self-contained ONNX or TorchScript file carrying its input spec."""
+    from compatkit.artifacts import file_sha256, read_manifest
+    from compatkit.export import EXPORT_FORMATS, export_model
+
+    if format not in EXPORT_FORMATS:
+        raise CompatkitError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got "
+                             f"{format!r}")
+    artifact = _artifact_dir(run)
+    export_model(artifact, out, format=format)  # type: ignore[arg-type]
+    manifest = read_manifest(artifact)
+    _out({"out": str(out), "format": format, "model_version": manifest.model_version,
+          "dim": manifest.embed_dim, "sha256": file_sha256(out)})
 
 
 @app.command("eval")
@@ -343,28 +376,55 @@ def _load_side(features: Path, labels: Path | None, side: str) -> tuple[np.ndarr
 def _load_npy(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise CompatkitError(f"{what} file {path} does not exist")
+    with path.open("rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise CompatkitError(f"{what} file {path} is not a numpy file (.npy written by "
+                                 "numpy.save); for a features file use .safetensors")
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError) as err:
         raise CompatkitError(f"cannot read {what} from {path}: {err}") from None
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of a user error on one line; a pydantic error without the rejected input
+    (which may be a secret)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        text = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" if e["loc"]
+                         else e["msg"] for e in exc.errors(include_url=False, include_input=False))
+    elif isinstance(exc, typer.TyperException):
+        text = exc.format_message()
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            text += f" (see `{ctx.command_path} --help`)"
+    else:
+        text = str(exc)
+    return " ".join(text.split())
+
+
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit status 2."""
+    """Console entry point: user errors (bad input, and usage errors such as an unknown command,
+    option or a bad option value) become one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as exc:
+        code = app(standalone_mode=False)  # --help returns 0 here
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         sys.exit(1)
-    except (CompatkitError, ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except typer.TyperException as exc:  # typer's own click: usage errors, unreadable files
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, and success
+            typer.echo(exc.format_message())
+            sys.exit(0)
+        typer.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(2)
+    except (CompatkitError, ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {_one_line(exc)}", err=True)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

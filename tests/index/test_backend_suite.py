@@ -313,3 +313,18 @@ def test_qdrant_drop_deletes_the_alias_and_its_collections():
     assert [c.name for c in b.client.get_collections().collections] == [other._physical]
     b.close()
 
+
+
+def test_huge_and_tiny_vectors_score_by_direction(engine, tmp_path):
+    st = IndexStore(tmp_path / "st")
+    st.register_version("v", dim=4)
+    coll = st.create_collection("c", "v", index=_options(engine, tmp_path))
+    coll.add([ItemInput("huge", vector=[3e38, 3e38, 0.0, 0.0]),
+              ItemInput("tiny", vector=[0.0, 0.0, 1e-30, 1e-30]),
+              ItemInput("other", vector=[1.0, -1.0, 0.0, 0.0])])
+    hits = coll.search([1e20, 1e20, 0.0, 0.0], k=3).hits
+    assert [h.id for h in hits][:1] == ["huge"]
+    assert [h.score for h in hits] == pytest.approx([1.0, 0.0, 0.0], abs=1e-5)
+    tiny = coll.search([0.0, 0.0, 3e38, 3e38], k=1).hits[0]
+    assert (tiny.id, tiny.score) == ("tiny", pytest.approx(1.0, abs=1e-5))
+    st.close()

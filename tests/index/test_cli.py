@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import time
 
+import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from compatkit.errors import CompatkitError
+from compatkit.errors import CompatkitError, UnknownNameError
 from compatkit.index import HashEmbedder
 from compatkit.index.cli import index_app, serve
 
@@ -149,3 +152,90 @@ def test_create_defaults_are_the_backend_defaults():
     shared = {"engine", "namespace", "nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction"}
     assert {k: params[k].default for k in shared} == {
         k: BackendOptions._field_defaults[k] for k in shared}
+
+
+def _fails(*args: str) -> Exception:
+    """The exception an ``index`` command raises (the console entry point prints it)."""
+    result = runner.invoke(app, ["index", *args])
+    assert result.exit_code != 0 and result.exception is not None, result.output
+    return result.exception
+
+
+def test_a_failed_jsonl_add_stores_nothing(tmp_path):
+    store = _hash_collection(tmp_path)  # 9 items i0..i8
+    lines = [json.dumps({"id": f"g{i}", "vector": [1.0, float(i), 0.0, 0.0]}) for i in range(300)]
+    lines.insert(290, json.dumps({"id": "bad", "vector": [1.0, "x", 0.0, 0.0]}))
+    lines.append(json.dumps({"id": "i0", "vector": [0.0, 0.0, 0.0, 1.0]}))  # a replacement
+    items = tmp_path / "many.jsonl"
+    items.write_text("\n".join(lines))
+    before = run("search", "c", "--vector", "[0, 0, 0, 1]", "-k", "9", *store, "--json")
+    err = _fails("add", "c", "--jsonl", str(items), *store)
+    assert isinstance(err, CompatkitError)
+    assert str(err) == "item 'bad' vector must be numbers, got list; nothing was added"
+    assert json.loads(run("status", "c", *store, "--json"))["collection"]["items"] == 9
+    assert run("search", "c", "--vector", "[0, 0, 0, 1]", "-k", "9", *store, "--json") == before
+    lines[290] = json.dumps({"id": "bad", "vector": [1.0, 2.0, 0.0, 0.0]})
+    items.write_text("\n".join(lines))
+    out = json.loads(run("add", "c", "--jsonl", str(items), *store, "--json"))
+    assert (out["added"], out["replaced"], out["items"]) == (301, 1, 310)
+
+
+def test_a_failed_image_add_stores_nothing(tmp_path, make_model):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for i in range(300):  # a bad image past the first embedding chunk (256)
+        sub = folder / ("a" if i < 150 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(sub / f"{i}.png")
+    (folder / "b" / "zz.png").write_text("not an image")
+    store = ["--store", str(tmp_path / "st")]
+    run("create", "c", "--artifact", make_model("m1"), *store)
+    err = _fails("add", "c", "--images", str(folder), *store)
+    assert isinstance(err, CompatkitError)
+    assert "zz.png" in str(err) and str(err).endswith("; nothing was added")
+    assert json.loads(run("status", "c", *store, "--json"))["collection"]["items"] == 0
+    (folder / "b" / "zz.png").unlink()
+    assert json.loads(run("add", "c", "--images", str(folder), *store, "--json"))["items"] == 300
+
+
+def test_jsonl_directory_status_times_and_unknown_job(tmp_path):
+    store = _hash_collection(tmp_path)
+    err = _fails("add", "c", "--jsonl", str(tmp_path), *store)
+    assert str(err) == f"--jsonl {tmp_path} is a directory; expected a JSON-lines file"
+    err = _fails("status", "c", "--job", "999", *store)
+    assert isinstance(err, UnknownNameError) and str(err) == "unknown upgrade job 999"
+    assert "upgrade" not in run("status", "c", *store)  # never upgraded: no job, no error
+    run("upgrade", "c", "--to", "vB", "--strategy", "cold", *store)
+    text = dict(line.split("\t", 1) for line in run("status", "c", *store).splitlines())
+    for key in ("upgrade.created", "upgrade.updated", "upgrade.finished"):
+        stamp = datetime.datetime.fromisoformat(text[key])
+        assert stamp.tzinfo is not None
+        assert abs(stamp.timestamp() - time.time()) < 600
+    as_json = json.loads(run("status", "c", *store, "--json"))["upgrade"]
+    assert isinstance(as_json["created"], float)  # machines get epoch seconds
+
+
+def test_serve_never_echoes_a_rejected_token(tmp_path):
+    token = "short-Secret"
+    result = runner.invoke(app, ["serve", "--store", str(tmp_path), "--token", token])
+    assert isinstance(result.exception, CompatkitError)
+    assert token not in str(result.exception) and token not in result.output
+    assert "at least 16 characters" in str(result.exception)
+
+
+def test_version_takes_the_hash_anchor_options_of_the_http_api(tmp_path):
+    from compatkit.index import IndexStore
+
+    store = ["--store", str(tmp_path / "st")]
+    run("version", "vA", "--dim", "8", "--hash-seed", "0", *store)
+    run("version", "vB", "--dim", "8", "--hash-seed", "1", "--anchor-seed", "0",
+        "--anchor-weight", "0.7", *store)
+    st = IndexStore(tmp_path / "st")
+    want = HashEmbedder("vB", 8, seed=1, anchor_seed=0, anchor_weight=0.7)
+    np.testing.assert_array_equal(st.embedder("vB").embed_sources(["s1", "s2"]),
+                                  want.embed_sources(["s1", "s2"]))
+    st.close()
+    err = _fails("version", "vC", "--dim", "8", "--anchor-seed", "0", *store)
+    assert str(err) == "--anchor-seed and --anchor-weight need --hash-seed"

@@ -68,11 +68,16 @@ def test_query_side_transformation(tmp_path, make_transformation):
     g = rng.standard_normal((20, DIM)).astype(np.float32)
     coll.add([ItemInput(f"g{i}", vector=v) for i, v in enumerate(g)])
     q = rng.standard_normal(DIM).astype(np.float32)
-    mapped = st.transformer(st.relations()[0]).apply(q[None, :])
+    # vA's model L2-normalises, so its query is a unit vector before the transformation
+    mapped = st.transformer(st.relations()[0]).apply(l2_normalize(q[None, :]))
     res = coll.search(q, version="vA", k=3)
     direct = coll.search(mapped[0], version="vC", k=3)
     assert [h.id for h in res.hits] == [h.id for h in direct.hits]
     np.testing.assert_allclose([h.score for h in res.hits], [h.score for h in direct.hits],
+                               rtol=1e-5)
+    huge = coll.search(q * np.float32(1e37), version="vA", k=3)  # no overflow on the way
+    assert [h.id for h in huge.hits] == [h.id for h in res.hits]
+    np.testing.assert_allclose([h.score for h in huge.hits], [h.score for h in res.hits],
                                rtol=1e-5)
 
 
@@ -100,7 +105,7 @@ def test_source_query_uses_the_serving_embedder(store):
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"vector": [1.0] * 3}, "query vectors of version 'vA' have dimension 3, expected 8"),
     ({"vector": [np.nan] * DIM}, "query vectors of version 'vA' row 0 holds NaN or infinite "
-                                 "values"),
+                                 "values (float32 holds at most ±3.4e38)"),
     ({"vector": [1.0] * DIM, "k": 0}, "k must be an integer in [1, 10000], got 0"),
     ({}, "give exactly one of vector or source"),
     ({"vector": [1.0] * DIM, "source": "x"}, "give exactly one of vector or source"),
@@ -169,3 +174,19 @@ def test_a_recreated_collection_is_not_served_from_a_stale_cache(store):
     other.drop_collection("c")
     other.create_collection("c", "vA").add([ItemInput("only", source="x")])
     assert [h.id for h in coll.search(source="src0", k=10).hits] == ["only"]
+
+
+def test_an_add_with_one_bad_item_anywhere_stores_nothing(store):
+    coll = fill(store, 3)
+    deep: dict = {}
+    for _ in range(5000):  # deeper than json.dumps can go
+        deep = {"a": deep}
+    good = [ItemInput(f"n{i}", source=f"new{i}") for i in range(600)]  # past 2 embed chunks
+    with pytest.raises(ValueError, match="item 'deep': metadata is not JSON-serialisable"):
+        coll.add([*good, ItemInput("deep", source="s", metadata=deep)])
+    with pytest.raises(ValueError, match="item 'bad' vector row 0 holds NaN"):
+        coll.add([*good, ItemInput("bad", vector=[np.inf] * DIM)], embed_chunk=7)
+    assert coll.count() == 3
+    assert coll.add(good, embed_chunk=7).added == 600
+    np.testing.assert_array_equal(coll.get("n599", with_vectors=True).current.vector,
+                                  store.embedder("vA").embed_sources(["new599"])[0])

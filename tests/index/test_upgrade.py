@@ -195,9 +195,10 @@ def test_a_raw_new_vector_that_rollback_could_not_keep_is_refused(store):
     with pytest.raises(StateConflictError) as err:
         coll.add([ItemInput("raw", vector=np.ones(DIM), version="vB")])  # vB only, no source
     assert str(err.value) == (
-        "item 'raw': upgrade job 1 (vA -> vB) needs a vector that 'vA' can search, so that a "
-        "rollback keeps it; the item has a vector of version 'vB' and no source that 'vA' can "
-        "embed. Add it with a source or a 'vA' vector, or finish the upgrade first")
+        "item 'raw': upgrade job 1 (vA -> vB) is running and needs a vector that 'vA' can "
+        "search, so that a rollback keeps it; the item has a vector of version 'vB' and no "
+        "source that 'vA' can embed. Add it with a source or a 'vA' vector, or wait until "
+        "upgrade job 1 completes and finalize it (`compatkit index finalize c --job 1`)")
     assert coll.count() == 3
     coll.add([ItemInput("raw", vector=np.ones(DIM), version="vA")])  # an old vector is fine
     assert coll.get("raw").current.version == "vA"  # vB searches it through compatibility
@@ -314,7 +315,8 @@ def test_hot_refresh_needs_compatibility_and_one_job_at_a_time(tmp_path):
         coll.start_upgrade("vB")
     assert str(err.value) == (
         "hot-refresh serves 'vB' at once, so 'vB' must be able to search 'vA' vectors; declare "
-        "'vB' compatible with 'vA', or use the 'cold' or 'transform' strategy")
+        "'vB' compatible with 'vA' or a query adapter (a transformation 'vB' -> 'vA'), or use "
+        "the 'cold' or 'transform' strategy")
     coll.start_upgrade("vB", strategy="cold")
     with pytest.raises(StateConflictError, match=r"collection 'c' has upgrade job 1 \(running\)"):
         coll.start_upgrade("vB", strategy="cold")
@@ -369,3 +371,17 @@ def test_an_item_added_while_the_upgrade_is_planned_is_not_skipped(store, monkey
     assert (len(calls), status.total) == (2, 5)  # planned again, with the new item
     assert run_backfill(store, status.job).written == 5
     assert coll.get("late").current.version == "vB"
+
+
+def test_a_completed_upgrade_says_to_finalize_before_raw_new_vectors(store):
+    coll = fill(store, 3)
+    job = coll.start_upgrade("vB", batch_size=3).job
+    assert run_backfill(store, job).state == "completed"
+    with pytest.raises(StateConflictError, match=(
+            r"is completed .* or finalize upgrade job 1 first \(`compatkit index finalize c "
+            r"--job 1` or POST /collections/c/upgrades/1/finalize")):
+        coll.add([ItemInput("raw", vector=np.ones(DIM), version="vB")])
+    assert coll.count() == 3
+    finalize(store, job)
+    coll.add([ItemInput("raw", vector=np.ones(DIM), version="vB")])  # what the message said
+    assert coll.get("raw").current.version == "vB"

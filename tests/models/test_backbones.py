@@ -147,17 +147,17 @@ def test_timm_names_build_through_timm_lazily(monkeypatch):
 
     fake.create_model = create_model
     monkeypatch.setitem(sys.modules, "timm", fake)
-    model = create_backbone("timm_tinynet", in_chans=1, pooling="gem")
+    model = create_backbone("timm:tinynet", in_chans=1, pooling="gem")
     assert calls == [("tinynet", {"pretrained": False, "num_classes": 0, "global_pool": "",
                                   "in_chans": 1})]
     assert model.forward_features(torch.randn(2, 1, 5, 5)).shape == (2, 6)
-    with pytest.raises(UnknownNameError, match="did you mean timm_tinynet"):
-        create_backbone("timm_tinynt")
+    with pytest.raises(UnknownNameError, match="did you mean timm:tinynet"):
+        create_backbone("timm:tinynt")
     with pytest.raises(ValueError, match="fixed width"):
-        create_backbone("timm_tinynet", width=0.5)
+        create_backbone("timm:tinynet", width=0.5)
 
 
 def test_timm_names_without_timm_raise_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` fail
-    with pytest.raises(CompatkitError, match="needs timm, which is not installed"):
-        create_backbone("timm_resnet50")
+    with pytest.raises(CompatkitError, match="needs timm, which cannot be imported"):
+        create_backbone("timm:resnet50")

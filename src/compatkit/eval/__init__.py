@@ -6,6 +6,7 @@ TAR@FAR) in ``compatkit.eval.protocols``. Backfill orderings live in ``compatkit
 (shared with the index, numpy only).
 """
 
+from compatkit.eval.bridged import bridged_backfill_curve
 from compatkit.eval.compat import (
     CompatibilityMatrix,
     EmbeddingSet,
@@ -45,6 +46,7 @@ __all__ = [
     "average_compatibility",
     "average_multimodel_accuracy",
     "backfill_curve",
+    "bridged_backfill_curve",
     "check_features",
     "check_labels",
     "compatibility_matrix",

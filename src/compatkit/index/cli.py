@@ -8,6 +8,7 @@ object. Mounted by ``compatkit.cli`` as ``app.add_typer(index_app, name="index")
 
 from __future__ import annotations
 
+import datetime
 import json
 import signal
 import threading
@@ -29,7 +30,16 @@ StoreOpt = Annotated[Path, typer.Option("--store", envvar="COMPATKIT_INDEX_STORE
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
 JobOpt = Annotated[int | None, typer.Option("--job", help="job id (default: the latest)")]
 DEFAULT_STORE = Path("index-store")
-ADD_CHUNK = 256
+#: Fields of a job status printed as ISO-8601 UTC times (epoch seconds in --json).
+TIME_FIELDS = ("created", "updated", "finished")
+CalibrateOpt = Annotated[bool | None, typer.Option(
+    "--calibrate/--no-calibrate",
+    help="a query adapter: fit its score calibration on --from-vectors/--to-vectors "
+         "(--no-calibrate removes a stored one; default: keep it)")]
+FromVectorsOpt = Annotated[Path | None, typer.Option(
+    help="paired sample, the transformation's source version (.npy/.npz/.safetensors)")]
+ToVectorsOpt = Annotated[Path | None, typer.Option(
+    help="the same items in its target version, row for row")]
 
 
 def _open(store: Path, *, create: bool = False) -> Any:
@@ -46,6 +56,9 @@ def _echo(obj: dict[str, Any], as_json: bool) -> None:
         typer.echo(json.dumps(obj, default=str))
     else:
         for key, value in obj.items():
+            if key.rsplit(".", 1)[-1] in TIME_FIELDS and isinstance(value, float):
+                value = datetime.datetime.fromtimestamp(value, datetime.timezone.utc).isoformat(
+                    timespec="seconds")
             typer.echo(f"{key}\t{value}")
 
 
@@ -56,12 +69,16 @@ def register(
     store: StoreOpt = DEFAULT_STORE,
     new: Annotated[str | None, typer.Option(help="transformation target version")] = None,
     side_version: Annotated[str | None, typer.Option(help="side-info version it needs")] = None,
+    calibrate: CalibrateOpt = None,
+    from_vectors: FromVectorsOpt = None,
+    to_vectors: ToVectorsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Register an artifact: a model version (with its compatibility relations) or a
-    transformation."""
-    out = _open(store, create=True).register_artifact(_artifact(artifact), new=new,
-                                                      side_version=side_version)
+    transformation (a query adapter NEW -> OLD with --calibrate)."""
+    out = _open(store, create=True).register_artifact(
+        _artifact(artifact), new=new, side_version=side_version, calibrate=calibrate,
+        **_pair_vectors(from_vectors, to_vectors))
     _echo(asdict(out), as_json)
 
 
@@ -74,13 +91,71 @@ def version(
     hash_seed: Annotated[int | None, typer.Option(
         help="embed sources with a deterministic hash embedder (tests, load benchmarks)")
     ] = None,
+    anchor_seed: Annotated[int | None, typer.Option(
+        help="hash embedder: mix in the direction of this seed (a compatible-looking version)")
+    ] = None,
+    anchor_weight: Annotated[float, typer.Option(
+        help="hash embedder: weight of the anchor direction, in [0, 1]")] = 0.0,
+    onnx: Annotated[Path | None, typer.Option(
+        help="embed sources with this ONNX model (onnxruntime)", rich_help_panel="Model")
+    ] = None,
+    torchscript: Annotated[Path | None, typer.Option(
+        help="embed sources with this TorchScript model", rich_help_panel="Model")] = None,
+    python: Annotated[str | None, typer.Option(
+        help="package.module:factory returning an object with embed_sources(sources)",
+        rich_help_panel="Model")] = None,
+    kwargs: Annotated[str | None, typer.Option(
+        help="JSON object of keyword arguments for the --python factory",
+        rich_help_panel="Model")] = None,
+    image_size: Annotated[int | None, typer.Option(
+        help="input spec: images resized to this square size", rich_help_panel="Input")
+    ] = None,
+    channels: Annotated[int | None, typer.Option(
+        help="input spec: 1 (grey) or 3 (RGB)", rich_help_panel="Input")] = None,
+    mean: Annotated[str | None, typer.Option(
+        help="input spec: per-channel mean in [0, 1], comma-separated", rich_help_panel="Input")
+    ] = None,
+    std: Annotated[str | None, typer.Option(
+        help="input spec: per-channel std in [0, 1], comma-separated", rich_help_panel="Input")
+    ] = None,
+    raw_arrays: Annotated[bool, typer.Option(
+        help="input spec: each source is a .npy array fed as it is", rich_help_panel="Input")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Register a version by hand: vectors only, or with a hash embedder."""
-    embedder = None if hash_seed is None else {"kind": "hash", "seed": hash_seed}
+    """Register a version by hand: vectors only, or with a hash, ONNX, TorchScript or Python
+    embedder (--onnx/--torchscript files carry their input spec when `compatkit export`
+    wrote them; else give --channels, --image-size, --mean, --std or --raw-arrays)."""
+    from compatkit.index.external_embedders import spec_from_options
+
+    if hash_seed is None and (anchor_seed is not None or anchor_weight):
+        raise CompatkitError("--anchor-seed and --anchor-weight need --hash-seed")
+    if not 0.0 <= anchor_weight <= 1.0:
+        raise CompatkitError(f"--anchor-weight must be in [0, 1], got {anchor_weight}")
+
+    embedder = spec_from_options(onnx=onnx, torchscript=torchscript, python=python,
+                                 kwargs=kwargs, image_size=image_size, channels=channels,
+                                 mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                                 raw_arrays=raw_arrays)
+    if hash_seed is not None:
+        if embedder is not None:
+            raise CompatkitError("give --hash-seed or a model (--onnx, --torchscript, "
+                                 "--python), not both")
+        embedder = {"kind": "hash", "seed": hash_seed, "anchor_seed": anchor_seed,
+                    "anchor_weight": anchor_weight}
     info = _open(store, create=True).register_version(name, dim=dim, normalized=normalized,
                                                       embedder=embedder)
     _echo(asdict(info), as_json)
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    """Comma-separated floats, e.g. ``0.5,0.5,0.5``."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise CompatkitError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
 @index_app.command("relate")
@@ -91,16 +166,24 @@ def relate(
     store: StoreOpt = DEFAULT_STORE,
     artifact: Annotated[Path | None, typer.Option(help="transformation folder")] = None,
     side_version: Annotated[str | None, typer.Option(help="side-info version")] = None,
+    calibrate: CalibrateOpt = None,
+    from_vectors: FromVectorsOpt = None,
+    to_vectors: ToVectorsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Declare NEW compatible with OLD, or a transformation OLD -> NEW (--artifact)."""
+    """Declare NEW compatible with OLD, or a transformation OLD -> NEW (--artifact; a query
+    adapter when OLD is the newer model, calibrated with --calibrate)."""
     st = _open(store)
     if kind == "compatible":
+        if calibrate is not None or from_vectors is not None or to_vectors is not None:
+            raise CompatkitError("--calibrate, --from-vectors and --to-vectors apply to a "
+                                 "transform relation")
         rel = st.declare_compatible(new, old)
     elif kind == "transform":
         if artifact is None:
             raise CompatkitError("a transform relation needs --artifact")
-        rel = st.declare_transform(old, new, artifact, side_version=side_version)
+        rel = st.declare_transform(old, new, artifact, side_version=side_version,
+                                   calibrate=calibrate, **_pair_vectors(from_vectors, to_vectors))
     else:
         raise CompatkitError(f"relation kind must be 'compatible' or 'transform', got {kind!r}")
     _echo(asdict(rel), as_json)
@@ -148,31 +231,40 @@ def add(
         help="folder of images: id = relative path, source = the file, label = its folder")
     ] = None,
     features: Annotated[Path | None, typer.Option(
-        help="features file (.safetensors): vectors with their version")] = None,
+        help="vectors: a features file (.safetensors, with its version), a .npy (N, D) array "
+             "(with --ids) or a .npz (ids, vectors, optional metadata and version)")] = None,
+    ids: Annotated[Path | None, typer.Option(
+        help="one item id per line, one per row of --features (needed by a .npy)")] = None,
+    version: Annotated[str | None, typer.Option(
+        help="version of .npy/.npz vectors (default: the file's, else the serving version)")
+    ] = None,
     jsonl: Annotated[Path | None, typer.Option(
         help="one item per line: {id, source?, metadata?, vector?, version?}")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add items from an image folder, a features file or a JSON-lines file."""
+    """Add items from an image folder, a vectors file or a JSON-lines file: all or none (a
+    bad item leaves the collection as it was)."""
     from compatkit.index.collection import ItemInput
 
     if sum(x is not None for x in (images, features, jsonl)) != 1:
         raise CompatkitError("give exactly one of --images, --features, --jsonl")
+    if features is None and (ids is not None or version is not None):
+        raise CompatkitError("--ids and --version go with --features")
     st = _open(store)
     coll = st.collection(name)
     items: list[ItemInput]
     if images is not None:
         items = _image_items(images)
     elif features is not None:
-        items = _feature_items(st, features)
+        items = _feature_items(st, features, ids=ids, version=version)
     else:
         items = _jsonl_items(jsonl)  # type: ignore[arg-type]
-    added = replaced = 0
-    for start in range(0, len(items), ADD_CHUNK):
-        res = coll.add(items[start:start + ADD_CHUNK])
-        added, replaced = added + res.added, replaced + res.replaced
-    _echo({"collection": name, "added": added, "replaced": replaced, "items": coll.count()},
-          as_json)
+    try:
+        res = coll.add(items)  # embeds in chunks, writes in one transaction
+    except ValueError as err:  # CompatkitError included
+        raise CompatkitError(f"{err}; nothing was added") from None
+    _echo({"collection": name, "added": res.added, "replaced": res.replaced,
+           "items": coll.count()}, as_json)
 
 
 @index_app.command("search")
@@ -272,10 +364,13 @@ def status(
 
     st = _open(store)
     out: dict[str, Any] = {"collection": asdict(st.collection(name).stats())}
-    try:
-        out["upgrade"] = job_status(st, job or latest_job(st, name)).as_dict()
-    except UnknownNameError:
-        out["upgrade"] = None
+    if job is not None:
+        out["upgrade"] = job_status(st, job).as_dict()  # an unknown job is an error
+    else:
+        try:
+            out["upgrade"] = job_status(st, latest_job(st, name)).as_dict()
+        except UnknownNameError:  # never upgraded
+            out["upgrade"] = None
     if as_json:
         typer.echo(json.dumps(out, default=str))
         return
@@ -379,16 +474,27 @@ def serve(
         min=1, help="server processes on the store (on 2 cores: 2)")] = 1,
 ) -> None:
     """Serve the index over HTTP (FastAPI + uvicorn), in one process or --workers."""
+    from pydantic import ValidationError
+
     from compatkit.index.service import ServiceSettings
     from compatkit.index.service.launch import serve as serve_store
 
     try:
         settings = ServiceSettings(admin_token=token, source_root=source_root, run_worker=worker,
                                    max_body_bytes=int(max_body_mb * 1024 * 1024))
-    except ValueError as err:
-        raise CompatkitError(f"bad service settings: {err}") from None
+    except ValidationError as err:  # its text would echo the rejected token
+        reasons = "; ".join(e["msg"] for e in err.errors(include_url=False, include_input=False))
+        raise CompatkitError(f"bad service settings: {reasons}") from None
     _open(store, create=True).close()
     serve_store(store, settings, host=host, port=port, workers=workers)
+
+
+def _pair_vectors(from_vectors: Path | None, to_vectors: Path | None) -> dict[str, Any]:
+    """The paired sample's arrays read from their files (None where no file is given)."""
+    from compatkit.artifacts import load_vectors_file
+
+    return {name: None if path is None else load_vectors_file(path).vectors
+            for name, path in (("from_vectors", from_vectors), ("to_vectors", to_vectors))}
 
 
 def _artifact(path: Path) -> Path:
@@ -425,23 +531,32 @@ def _image_items(folder: Path) -> list:
             for p in files]
 
 
-def _feature_items(store: Any, path: Path) -> list:
-    from compatkit.artifacts import load_features
+def _feature_items(store: Any, path: Path, *, ids: Path | None, version: str | None) -> list:
+    from compatkit.artifacts import load_vectors_file
     from compatkit.index.collection import ItemInput
 
-    fs = load_features(path)
-    m = fs.manifest
-    if m.model_version not in {v.name for v in store.versions()}:
-        store.register_version(m.model_version, dim=m.embed_dim, normalized=m.normalized)
-    ids = fs.ids if fs.ids is not None else np.arange(len(fs.features))
-    return [ItemInput(str(int(i)), vector=v, version=m.model_version,
-                      metadata={"label": int(lab)})
-            for i, v, lab in zip(ids, fs.features, fs.labels, strict=True)]
+    vf = load_vectors_file(path, ids=ids)
+    if vf.ids is None:
+        raise CompatkitError(f"{path} holds vectors only: give --ids FILE with one item id per "
+                             "line, one per row")
+    if vf.manifest is not None:
+        if version is not None and version != vf.manifest.model_version:
+            raise CompatkitError(f"{path} holds vectors of version "
+                                 f"{vf.manifest.model_version!r}, not {version!r}")
+        m = vf.manifest
+        if m.model_version not in {v.name for v in store.versions()}:
+            store.register_version(m.model_version, dim=m.embed_dim, normalized=m.normalized)
+    version = version or vf.version
+    metadata = vf.metadata or [{} for _ in vf.ids]
+    return [ItemInput(i, vector=v, version=version, metadata=meta)
+            for i, v, meta in zip(vf.ids, vf.vectors, metadata, strict=True)]
 
 
 def _jsonl_items(path: Path) -> list:
     from compatkit.index.collection import ItemInput
 
+    if path.is_dir():
+        raise CompatkitError(f"--jsonl {path} is a directory; expected a JSON-lines file")
     if not path.is_file():
         raise CompatkitError(f"--jsonl {path} does not exist")
     items = []

@@ -43,7 +43,7 @@ from compatkit.index.slots import (
     write_items,
 )
 from compatkit.index.upgrade import job_status, latest_job, start_upgrade
-from compatkit.index.vectors import as_vectors, from_blob
+from compatkit.index.vectors import as_vectors, from_blob, l2_normalize
 from compatkit.index.versions import Relation, VersionInfo, can_search
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 MAX_ID_LENGTH = 512
 MAX_METADATA_BYTES = 64 * 1024
 MAX_K = 10_000
+#: Items whose sources are embedded at once by ``add`` (bounds decoded images in memory).
+EMBED_CHUNK = 256
 _ADD_RETRIES = 5
 
 
@@ -130,6 +132,7 @@ class _WriteState:
     job_new: str | None
     strategy: str | None
     side_versions: tuple[str, ...]
+    job_state: str | None = None
 
 
 #: Markers in ``_Prepared.vectors`` for a vector still to embed or to transform.
@@ -255,13 +258,18 @@ class Collection:
             raise ValueError(f"version {info.name!r} is a {info.kind} model; queries must be "
                              "embeddings of a model version")
         queries = as_vectors(vectors, info.dim, what=f"query vectors of version {info.name!r}")
+        if info.normalized:  # its model's outputs are unit vectors: so is what a transform sees
+            queries = l2_normalize(queries)
         return self.store.search_batcher().search(self.name, queries, info.name, k,
                                                   with_metadata=with_metadata)
 
     # ------------------------------------------------------------------ writes
 
-    def add(self, items: Sequence[ItemInput]) -> AddResult:
+    def add(self, items: Sequence[ItemInput], *, embed_chunk: int = EMBED_CHUNK) -> AddResult:
         """Insert or replace items (all or none); an id already present is replaced.
+
+        Every item is checked and embedded first (``embed_chunk`` sources at a time), then all
+        are written in one transaction, so a bad item anywhere leaves the collection unchanged.
 
         Raises:
             ValueError: a bad id, duplicate ids, oversized metadata, a bad vector, or an item
@@ -277,8 +285,11 @@ class Collection:
             state = self._write_state()
             with self.store.read() as con:
                 versions = version_map(con)
-            prepared = [self._prepare(it, state, versions) for it in items]
-            self._embed_missing(items, prepared, state)
+            prepared = [self._prepare(it, state, versions) for it in items]  # cheap checks
+            step = max(1, embed_chunk)
+            for start in range(0, len(items), step):
+                self._embed_missing(items[start:start + step], prepared[start:start + step],
+                                    state)
             with self.store.write() as con:
                 if self._write_state(con) != state:
                     continue  # an upgrade started or switched meanwhile: derive again
@@ -312,7 +323,7 @@ class Collection:
         sides = side_versions(con, self.name)
         if job is None:
             return _WriteState(serving, None, None, None, None, sides)
-        return _WriteState(serving, job.id, job.old, job.new, job.strategy, sides)
+        return _WriteState(serving, job.id, job.old, job.new, job.strategy, sides, job.state)
 
     def _slot_targets(self, state: _WriteState) -> dict[str, str]:
         """slot -> the version whose queries must be able to search that slot's vector."""
@@ -365,7 +376,7 @@ class Collection:
                 elif given is not None and can_search(target, given[0], rels, versions):
                     p.vectors[slot] = given
                 else:
-                    raise _slot_error(p.item, slot, target, given, state)
+                    raise _slot_error(self.name, p.item, slot, target, given, state)
             for sv in state.side_versions:
                 if sv not in p.side and p.item.source is not None:
                     wanted.setdefault(f"side:{sv}", []).append(row)
@@ -436,7 +447,7 @@ def _check_items(items: list[ItemInput]) -> None:
             raise ValueError(f"item {it.id!r}: metadata must be a JSON object")
         try:
             size = len(json.dumps(dict(it.metadata)))
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RecursionError) as err:
             raise ValueError(f"item {it.id!r}: metadata is not JSON-serialisable ({err})") from None
         if size > MAX_METADATA_BYTES:
             raise ValueError(f"item {it.id!r}: metadata is {size} bytes, at most "
@@ -445,7 +456,7 @@ def _check_items(items: list[ItemInput]) -> None:
             raise ValueError(f"item {it.id!r} needs a vector or a source")
 
 
-def _slot_error(it: ItemInput, slot: str, target: str,
+def _slot_error(collection: str, it: ItemInput, slot: str, target: str,
                 given: tuple[str, np.ndarray] | None, state: _WriteState) -> Exception:
     have = f"a vector of version {given[0]!r}" if given else "no vector"
     src = "a source" if it.source is not None else "no source"
@@ -459,8 +470,15 @@ def _slot_error(it: ItemInput, slot: str, target: str,
                                   "source; add the item with a vector")
     why = ("so that a rollback keeps it" if slot == "previous"
            else "to be switched in when the upgrade completes")
+    if state.job_state == "completed":
+        finish = (f"or finalize upgrade job {state.job} first (`compatkit index finalize "
+                  f"{collection} --job {state.job}` or POST /collections/{collection}/upgrades/"
+                  f"{state.job}/finalize; it can then no longer be rolled back)")
+    else:
+        finish = (f"or wait until upgrade job {state.job} completes and finalize it "
+                  f"(`compatkit index finalize {collection} --job {state.job}`)")
     return StateConflictError(
-        f"item {it.id!r}: upgrade job {state.job} ({state.job_old} -> {state.job_new}) needs a "
-        f"vector that {target!r} can search, {why}; the item has {have} and {src} that "
-        f"{target!r} can embed. Add it with a source or a {target!r} vector, or finish the "
-        "upgrade first")
+        f"item {it.id!r}: upgrade job {state.job} ({state.job_old} -> {state.job_new}) is "
+        f"{state.job_state} and needs a vector that {target!r} can search, {why}; the item has "
+        f"{have} and {src} that {target!r} can embed. Add it with a source or a {target!r} "
+        f"vector, {finish}")

@@ -33,9 +33,10 @@ from compatkit.index.embedders import ArtifactTransform, Embedder
 from compatkit.index.errors import StateConflictError
 from compatkit.index.options import BackendOptions
 from compatkit.index.versions import Relation, VersionInfo
+from compatkit.score_calibration import ScoreCalibration
 
 DB_NAME = "index.sqlite3"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 #: The ``changes`` log keeps at least this many recent entries; caches older than that rebuild.
 KEEP_CHANGES = 500_000
 #: The log is pruned when its sequence number crosses a multiple of this.
@@ -59,6 +60,7 @@ CREATE TABLE IF NOT EXISTS relations (
     side_version TEXT,
     origin TEXT NOT NULL,
     created REAL NOT NULL,
+    calibration TEXT,
     PRIMARY KEY (kind, old, new)
 );
 CREATE TABLE IF NOT EXISTS collections (
@@ -153,6 +155,13 @@ CREATE INDEX IF NOT EXISTS job_batches_by_state ON job_batches (job, phase, stat
 """
 
 
+#: Statements that bring a store of schema version ``key`` to the next version, in order.
+MIGRATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    # 1 -> 2: a query adapter's score calibration stored with its relation
+    "1": ("2", ("ALTER TABLE relations ADD COLUMN calibration TEXT",)),
+}
+
+
 #: Items per ``IN (...)`` list.
 IN_CHUNK = 500
 
@@ -184,7 +193,7 @@ class Database:
                     con.execute(statement)
             con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                         (SCHEMA_VERSION,))
-            found = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+            found = migrate(con)
         if found != SCHEMA_VERSION:
             raise CompatkitError(f"{self.path} has schema version {found}, this code reads "
                                  f"{SCHEMA_VERSION}")
@@ -259,6 +268,18 @@ class Database:
                 con.close()
             self._connections.clear()
             self._local = threading.local()
+
+
+def migrate(con: sqlite3.Connection) -> str:
+    """Bring an older store's schema to ``SCHEMA_VERSION`` in the caller's transaction;
+    returns the schema version found at the end (a newer one is left alone)."""
+    found = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+    while found in MIGRATIONS:
+        found, statements = MIGRATIONS[found]
+        for statement in statements:
+            con.execute(statement)
+        con.execute("UPDATE meta SET value=? WHERE key='schema_version'", (found,))
+    return found
 
 
 class Store(Protocol):
@@ -338,9 +359,10 @@ def insert_version(con: sqlite3.Connection, info: VersionInfo) -> None:
 
 def relations(con: sqlite3.Connection) -> list[Relation]:
     """Every declared relation, by kind, old and new version."""
-    rows = con.execute("SELECT kind, old, new, artifact, side_version, origin FROM relations "
-                       "ORDER BY kind, old, new").fetchall()
-    return [Relation(*r) for r in rows]
+    rows = con.execute("SELECT kind, old, new, artifact, side_version, origin, calibration "
+                       "FROM relations ORDER BY kind, old, new").fetchall()
+    return [Relation(*r[:6], calibration=None if r[6] is None else
+                     ScoreCalibration.from_json(json.loads(r[6]))) for r in rows]
 
 
 def insert_relation(con: sqlite3.Connection, rel: Relation) -> None:
@@ -352,9 +374,20 @@ def insert_relation(con: sqlite3.Connection, rel: Relation) -> None:
             raise StateConflictError(f"a different {rel.kind} relation {rel.old} -> {rel.new} "
                                      "is already declared")
         return
-    con.execute("INSERT INTO relations VALUES (?, ?, ?, ?, ?, ?, ?)",
+    con.execute("INSERT INTO relations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (rel.kind, rel.old, rel.new, rel.artifact, rel.side_version, rel.origin,
-                 time.time()))
+                 time.time(), _calibration_json(rel.calibration)))
+
+
+def set_calibration(con: sqlite3.Connection, rel: Relation,
+                    calibration: ScoreCalibration | None) -> None:
+    """Store (or, with None, remove) the score calibration of the declared relation ``rel``."""
+    con.execute("UPDATE relations SET calibration=? WHERE kind=? AND old=? AND new=?",
+                (_calibration_json(calibration), rel.kind, rel.old, rel.new))
+
+
+def _calibration_json(calibration: ScoreCalibration | None) -> str | None:
+    return None if calibration is None else json.dumps(calibration.to_json())
 
 
 # --------------------------------------------------------------------- collections

@@ -26,7 +26,6 @@ the store (SQLite WAL needs a local file system). Requires the ``ray`` extra for
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import math
 import os
@@ -43,6 +42,7 @@ import numpy as np
 
 from compatkit.errors import CompatkitError
 from compatkit.index.embedders import Embedder
+from compatkit.index.external_embedders import load_factory
 from compatkit.index.jobs import load_job, workers_with_claims
 from compatkit.index.store import IndexStore
 from compatkit.index.upgrade import (
@@ -112,13 +112,14 @@ def load_embedders(spec: str | None) -> dict[str, Embedder] | None:
 
     Raises:
         ValueError: a malformed spec, or a function that does not return a mapping.
+        CompatkitError: the module cannot be imported or lacks the function.
     """
     if spec is None:
         return None
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"embedders must be 'module:function', got {spec!r}")
-    out = getattr(importlib.import_module(module_name), attr)()
+    out = load_factory(spec, what="embedders function")[0]()
     if not isinstance(out, Mapping):
         raise ValueError(f"{spec} must return a mapping of version -> embedder, got "
                          f"{type(out).__name__}")

@@ -57,8 +57,9 @@ def plan_phases(
         if not new_searches_old:
             raise IncompatibleSpacesError(
                 f"hot-refresh serves {new!r} at once, so {new!r} must be able to search "
-                f"{old!r} vectors; declare {new!r} compatible with {old!r}, or use the "
-                "'cold' or 'transform' strategy")
+                f"{old!r} vectors; declare {new!r} compatible with {old!r} or a query adapter "
+                f"(a transformation {new!r} -> {old!r}), or use the 'cold' or 'transform' "
+                "strategy")
         return (Phase("refresh", "live", ordering),)
     if strategy == "cold":
         return (Phase("refresh", "aside", ordering),)

@@ -56,6 +56,9 @@ RESCORE_MARGIN = 16
 class Hit:
     """One search result: the item, its cosine score, and which vector answered.
 
+    A vector reached through a query adapter with a score calibration (``Relation``) scores
+    the calibrated cosine, on the query version's own scale.
+
     ``version`` is the space of the vector that matched; ``transformed_from`` names the version
     it was transformed from (None for a vector embedded natively).
     """
@@ -188,15 +191,18 @@ class SearchCache:
         per_query: list[list[tuple[float, int, GroupKey]]] = [[] for _ in range(len(queries))]
         with self._lock.read():
             spaces: dict[str, np.ndarray] = {}
+            routes: dict[str, Route] = {}
             for gkey, group in self._groups.items():
                 if len(group) == 0:
                     continue
                 version = gkey[0]
                 if version not in spaces:
-                    route = find_route(query_version, version, state.relations, state.versions)
-                    spaces[version] = self._to_space(queries, route)
+                    routes[version] = find_route(query_version, version, state.relations,
+                                                 state.versions)
+                    spaces[version] = self._to_space(queries, routes[version])
                 hits = group.search(spaces[version], min(k + RESCORE_MARGIN, len(group)))
-                scores = exact_scores(spaces[version], hits.keys, group)
+                scores = calibrated_scores(exact_scores(spaces[version], hits.keys, group),
+                                           routes[version])
                 for qi in range(len(queries)):
                     for score, key in zip(scores[qi].tolist(), hits.keys[qi].tolist(),
                                           strict=True):
@@ -275,6 +281,15 @@ class SearchCache:
                 group = self._groups[gkey] = self._backend.group(gkey, dim)
             group.add(np.asarray(keys, dtype=np.int64), l2_normalize(stack_blobs(blobs, dim)))
             self._where.update(dict.fromkeys(keys, gkey))
+
+
+def calibrated_scores(scores: np.ndarray, route: Route) -> np.ndarray:
+    """A group's scores on the query version's own scale: those of a query adapter with a
+    stored score calibration are mapped by it (before the groups are merged), others kept."""
+    rel = route.relation if route.via == "transform" else None
+    if rel is None or rel.calibration is None:
+        return scores
+    return rel.calibration.apply(scores)
 
 
 class SearchStore(Store, Protocol):

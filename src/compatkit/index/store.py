@@ -13,7 +13,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from compatkit.errors import CompatkitError
+import numpy as np
+
+from compatkit.errors import CompatkitError, UnknownNameError
 from compatkit.index.backends import check_options, open_backend
 from compatkit.index.batching import SearchBatcher
 from compatkit.index.collection import Collection
@@ -28,11 +30,13 @@ from compatkit.index.db import (
     relations,
     require_collection,
     require_version,
+    set_calibration,
     version_map,
     version_row,
 )
-from compatkit.index.embedders import ArtifactTransform, Embedder, embedder_from_spec
+from compatkit.index.embedders import ArtifactTransform, Embedder
 from compatkit.index.errors import StateConflictError
+from compatkit.index.external_embedders import build_embedder, resolve_spec
 from compatkit.index.options import INDEX_KINDS, BackendOptions
 from compatkit.index.search import SearchCache
 from compatkit.index.versions import (
@@ -42,6 +46,7 @@ from compatkit.index.versions import (
     check_name,
     find_route,
 )
+from compatkit.score_calibration import ScoreCalibration, fit_score_calibration
 
 __all__ = ["DB_NAME", "IndexStore"]
 
@@ -93,11 +98,14 @@ class IndexStore(Database):
             name: the version name (as in a manifest's ``model_version``).
             dim: vector dimension. normalized: whether its model L2-normalises.
             kind: ``model`` or ``side_info``.
-            embedder: a JSON spec (``{"kind": "hash", "seed": 1}``), an object with ``spec()``
+            embedder: a JSON spec (``{"kind": "hash", "seed": 1}``, an ONNX, TorchScript or
+                python spec: ``compatkit.index.external_embedders``), an object with ``spec()``
                 (``HashEmbedder``), or None (vectors only).
 
         Raises:
             ValueError: a bad name or dimension, or a relation naming it with another dimension.
+            CompatkitError: an external embedder that cannot be built or embeds in another
+                dimension (``resolve_spec``).
             StateConflictError: the name is registered with other fields.
         """
         check_name(name, "version")
@@ -105,19 +113,17 @@ class IndexStore(Database):
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         if kind not in ("model", "side_info"):
             raise ValueError(f"kind must be 'model' or 'side_info', got {kind!r}")
-        if embedder is None:
-            spec: dict[str, Any] = {"kind": "none"}
-        elif isinstance(embedder, Mapping):
-            spec = dict(embedder)
-        else:
-            spec = dict(embedder.spec())
-        if spec.get("kind") not in ("none", "hash", "artifact"):
-            raise ValueError(f"embedder kind must be 'none', 'hash' or 'artifact', got "
-                             f"{spec.get('kind')!r}")
+        spec = resolve_spec(embedder, version=name, dim=dim, normalized=bool(normalized))
         info = VersionInfo(name, dim, bool(normalized), kind, spec)
         with self.write() as con:
             existing = version_row(con, name)
             if existing is not None:
+                if existing != info and existing.embedder.get("files") and (
+                        existing.embedder != info.embedder):
+                    raise StateConflictError(
+                        f"version {name!r} is already registered with another embedder "
+                        f"({existing.embedder}); an embedder never changes under a version's "
+                        "name: register the new model as a new version")
                 if existing != info:
                     raise StateConflictError(
                         f"version {name!r} is already registered with other fields "
@@ -135,12 +141,14 @@ class IndexStore(Database):
 
     def register_artifact(
         self, directory: str | Path, *, new: str | None = None, side_version: str | None = None,
+        calibrate: bool | None = None, from_vectors: Any = None, to_vectors: Any = None,
     ) -> VersionInfo | Relation:
         """Register what an artifact folder holds: a model version (with the compatibility
         relations its manifest declares), a side-info version, or a transformation.
 
         For a transformation, the manifest's ``transforms_from`` and ``transforms_to`` name the
-        old and new versions (``new`` overrides the latter).
+        old and new versions (``new`` overrides the latter); ``calibrate``, ``from_vectors``
+        and ``to_vectors`` are passed to ``declare_transform``.
 
         Raises:
             CompatkitError: not an artifact, or a transformation whose target is unknown.
@@ -158,7 +166,12 @@ class IndexStore(Database):
                 raise CompatkitError(f"transformation {directory} has no transforms_to; say "
                                      "which version it maps into (new=...)")
             return self.declare_transform(manifest.transforms_from, new, directory,
-                                          side_version=side_version, origin="manifest")
+                                          side_version=side_version, origin="manifest",
+                                          calibrate=calibrate, from_vectors=from_vectors,
+                                          to_vectors=to_vectors)
+        if calibrate is not None or from_vectors is not None or to_vectors is not None:
+            raise CompatkitError(f"{directory} holds a {manifest.kind}: score calibration "
+                                 "applies to a transformation")
         info = self.register_version(manifest.model_version, dim=int(manifest.embed_dim),
                                      normalized=manifest.normalized, kind=manifest.kind,
                                      embedder=spec)
@@ -199,14 +212,26 @@ class IndexStore(Database):
 
     def declare_transform(
         self, old: str, new: str, artifact: str | Path, *, side_version: str | None = None,
-        origin: Literal["manifest", "user"] = "user",
+        origin: Literal["manifest", "user"] = "user", calibrate: bool | None = None,
+        from_vectors: Any = None, to_vectors: Any = None,
     ) -> Relation:
         """Declare that the transformation artifact maps ``old`` vectors into ``new``'s space.
+
+        Declared without side-information it also maps ``old`` queries onto ``new`` vectors
+        (a query adapter, e.g. a fitted map from a new model back to the collection's old
+        one). ``calibrate=True`` fits a score calibration of that route on a paired sample,
+        ``from_vectors`` (n, d_old) and ``to_vectors`` (n, d_new), row i one item
+        (``compatkit.score_calibration``), and stores it with the relation; searches then
+        merge the adapted scores on ``old``'s own scale. ``False`` removes a stored
+        calibration, None (default) keeps what is stored.
 
         Raises:
             UnknownNameError: a version is not registered.
             CompatkitError: the artifact is not a transformation, its dimensions do not match
-                the versions, or side-information is missing or unexpected.
+                the versions, side-information is missing or unexpected, or calibration is
+                asked of a transformation with side-information.
+            ValueError: ``calibrate=True`` without a valid paired sample, or vectors given
+                without ``calibrate=True``.
         """
         from compatkit.artifacts import read_manifest
 
@@ -216,7 +241,7 @@ class IndexStore(Database):
             raise CompatkitError(f"{artifact} holds a {manifest.kind}, not a transformation")
         d_old, d_new = manifest.spec.get("d_old"), manifest.spec.get("d_new")
         d_side = manifest.spec.get("d_side")
-        with self.write() as con:
+        with self.read() as con:
             o, n = require_version(con, old), require_version(con, new)
             if (d_old, d_new) != (o.dim, n.dim):
                 raise CompatkitError(f"transformation {artifact} maps {d_old} -> {d_new} dims, "
@@ -232,9 +257,51 @@ class IndexStore(Database):
                 if s.dim != d_side:
                     raise CompatkitError(f"side version {side_version!r} has dimension {s.dim}, "
                                          f"the transformation expects {d_side}")
-            rel = Relation("transform", old, new, str(artifact), side_version, origin)
+        rel = Relation("transform", old, new, str(artifact), side_version, origin)
+        if side_version is not None and calibrate is not None:
+            raise CompatkitError(f"{rel.describe()} needs side-information, so it cannot map "
+                                 "queries; score calibration applies to a query adapter")
+        if not calibrate and (from_vectors is not None or to_vectors is not None):
+            raise ValueError("from_vectors and to_vectors are the paired sample of "
+                             "calibrate=True; they were given without it")
+        calibration = self._fit_calibration(rel, from_vectors, to_vectors) if calibrate else None
+        with self.write() as con:
             insert_relation(con, rel)
-        return rel
+            if calibrate is not None:
+                set_calibration(con, rel, calibration)
+        return self._relation(rel)
+
+    def _fit_calibration(self, rel: Relation, from_vectors: Any,
+                         to_vectors: Any) -> ScoreCalibration:
+        """The score calibration of ``rel``'s query route on a paired sample."""
+        if from_vectors is None or to_vectors is None:
+            raise ValueError(f"calibrating {rel.describe()} needs a paired sample: "
+                             f"from_vectors ({rel.old!r} vectors) and to_vectors ({rel.new!r} "
+                             "vectors of the same items)")
+        source = np.asarray(from_vectors, dtype=np.float32)
+        target = np.asarray(to_vectors, dtype=np.float32)
+        for arr, version, what in ((source, rel.old, "from_vectors"),
+                                   (target, rel.new, "to_vectors")):
+            dim = self.version(version).dim
+            if arr.ndim != 2 or arr.shape[1] != dim:
+                raise ValueError(f"{what} must be (n, {dim}) {version!r} vectors, got shape "
+                                 f"{arr.shape}")
+        if len(source) != len(target):
+            raise ValueError(f"from_vectors has {len(source)} rows but to_vectors "
+                             f"{len(target)}; row i of each is the same item")
+        for arr, what in ((source, "from_vectors"), (target, "to_vectors")):
+            bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+            if bad.size:
+                raise ValueError(f"{what} row {int(bad[0])} holds NaN or infinite values")
+        mapped = self.transformer(rel).apply(source)
+        return fit_score_calibration(mapped, target, source)
+
+    def _relation(self, rel: Relation) -> Relation:
+        """The stored form of the declared relation ``rel`` (with its calibration)."""
+        for stored in self.relations():
+            if (stored.kind, stored.old, stored.new) == (rel.kind, rel.old, rel.new):
+                return stored
+        raise UnknownNameError(f"{rel.describe()} is not declared")
 
     def relations(self) -> list[Relation]:
         """Every declared relation."""
@@ -321,7 +388,7 @@ class IndexStore(Database):
             emb = self._embedders.get(version)
         if emb is not None:
             return emb
-        emb = embedder_from_spec(self.version(version), device=self.device)
+        emb = build_embedder(self.version(version), device=self.device)
         with self._lock:
             return self._embedders.setdefault(version, emb)
 

@@ -3,7 +3,9 @@
 Strategies (each a list of phases; a phase re-embeds or transforms items in a stored order):
 
 - ``hot-refresh``: vB serves at once (it must be able to search vA vectors: a declared
-  compatibility); items with a source are re-embedded by vB batch by batch in the chosen order.
+  compatibility, or a query adapter, a transformation vB -> vA that maps vB queries onto the
+  vA items until they are re-embedded); items with a source are re-embedded by vB batch by
+  batch in the chosen order.
 - ``transform``: a registered transformation vA -> vB rewrites the stored vectors, no sources
   needed; vB serves at once when it can search vA vectors, else when the phase completes.
   With ``then_refresh``, a hot-refresh phase re-embeds the items whose sources exist.

@@ -7,9 +7,6 @@ from typing import Any
 
 import numpy as np
 
-#: Rows whose L2 norm is below this cannot be compared by cosine similarity.
-MIN_NORM = 1e-12
-
 
 def as_vectors(x: Any, dim: int, *, what: str = "vectors") -> np.ndarray:
     """Check and convert ``x`` to a C-contiguous float32 (n, dim) array.
@@ -17,11 +14,13 @@ def as_vectors(x: Any, dim: int, *, what: str = "vectors") -> np.ndarray:
     A 1-D input of length ``dim`` is one vector. Shapes: -> (n, dim) float32.
 
     Raises:
-        ValueError: wrong shape or dimension, a NaN/inf value, or an all-zero row (each message
+        ValueError: wrong shape or dimension, a NaN/inf value (or one beyond float32's range),
+            or an all-zero row (each message
             names the first bad row and the expected dimension).
     """
     try:
-        arr = np.asarray(x, dtype=np.float32)
+        with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+            arr = np.asarray(x, dtype=np.float32)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be numbers, got {type(x).__name__}") from None
     if arr.ndim == 1:
@@ -33,19 +32,38 @@ def as_vectors(x: Any, dim: int, *, what: str = "vectors") -> np.ndarray:
     finite = np.isfinite(arr).all(axis=1)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
-        raise ValueError(f"{what} row {row} holds NaN or infinite values")
-    norms = np.linalg.norm(arr, axis=1)
-    if (norms < MIN_NORM).any():
-        row = int(np.flatnonzero(norms < MIN_NORM)[0])
+        raise ValueError(f"{what} row {row} holds NaN or infinite values (float32 holds at most "
+                         "±3.4e38)")
+    zero = ~arr.any(axis=1)
+    if zero.any():
+        row = int(np.flatnonzero(zero)[0])
         raise ValueError(f"{what} row {row} is all zeros; a cosine score needs a non-zero vector")
     return np.ascontiguousarray(arr)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` divided by their L2 norm (a float32 copy). Shapes: (n, d) -> (n, d)."""
+    """Rows of ``x`` divided by their L2 norm (a float32 copy); the one normalisation of the
+    index (queries, stored vectors, embedder outputs). Each row is first divided by its largest
+    absolute value, so neither huge (up to float32's 3.4e38) nor tiny components overflow or
+    underflow the norm. An all-zero row stays zero. Shapes: (n, d) -> (n, d).
+
+    Raises:
+        ValueError: a NaN or infinite value (it has no direction).
+    """
     x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, MIN_NORM)).astype(np.float32, copy=False)
+    if x.ndim != 2:
+        raise ValueError(f"l2_normalize expects an (n, d) array, got shape {x.shape}")
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"row {row} holds NaN or infinite values; it cannot be normalised")
+    if x.shape[1] == 0:
+        return x.copy()
+    scale = np.abs(x).max(axis=1, keepdims=True)
+    scaled = x / np.where(scale > 0, scale, 1.0).astype(np.float32)  # each |value| <= 1
+    norms = np.linalg.norm(scaled, axis=1, keepdims=True)  # in [1, sqrt(d)] unless all zero
+    return (scaled / np.where(norms > 0, norms, 1.0).astype(np.float32)).astype(
+        np.float32, copy=False)
 
 
 def to_blob(vector: np.ndarray) -> bytes:

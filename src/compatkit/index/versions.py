@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from compatkit.errors import IncompatibleSpacesError
+from compatkit.score_calibration import ScoreCalibration
 
 RelationKind = Literal["compatible", "transform"]
 VersionKind = Literal["model", "side_info"]
@@ -58,6 +59,8 @@ class Relation:
     ``compatible``: queries of ``new`` may search vectors of ``old`` as they are.
     ``transform``: the transformation artifact at ``artifact`` maps ``old`` vectors (plus the
     item's ``side_version`` vector when it needs side-information) into ``new``'s space.
+    ``calibration``: for a transformation that maps queries (a query adapter), the map of the
+    adapted scores onto the scale of ``old``'s own scores, applied before a merged top-k.
     """
 
     kind: RelationKind
@@ -66,13 +69,15 @@ class Relation:
     artifact: str | None = None
     side_version: str | None = None
     origin: Literal["manifest", "user"] = "user"
+    calibration: ScoreCalibration | None = None
 
     def describe(self) -> str:
         """One line naming the relation, e.g. ``vB compatible with vA``."""
         if self.kind == "compatible":
             return f"{self.new} is compatible with {self.old}"
         side = f" with side-info {self.side_version}" if self.side_version else ""
-        return f"transformation {self.old} -> {self.new}{side}"
+        calibrated = ", scores calibrated" if self.calibration is not None else ""
+        return f"transformation {self.old} -> {self.new}{side}{calibrated}"
 
 
 @dataclass(frozen=True)

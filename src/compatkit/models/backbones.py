@@ -2,7 +2,7 @@
 
 A backbone is an ``nn.Module`` with an int attribute ``num_features`` and a method
 ``forward_features(x) -> (B, num_features)`` returning the pooled feature. Variants register
-a factory function taking ``*, width, in_chans, pooling``; names prefixed ``timm_`` build a
+a factory function taking ``*, width, in_chans, pooling``; names ``timm:<model>`` build a
 timm model when timm is importable (never imported before such a name is asked for).
 """
 
@@ -20,7 +20,7 @@ from compatkit.models.pooling import POOLINGS, create_pooling
 from compatkit.registry import Registry
 
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
-TIMM_PREFIX = "timm_"
+TIMM_PREFIX = "timm:"
 
 
 def register_backbone(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -34,15 +34,15 @@ def list_backbones() -> list[str]:
 
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
-    """Build the backbone registered as ``name`` (or ``timm_<model>`` when timm is installed).
+    """Build the backbone registered as ``name`` (or ``timm:<model>`` when timm is installed).
 
     Args:
-        name: a registered name such as ``"resnet18_cifar"``, or ``"timm_<timm model name>"``.
+        name: a registered name such as ``"resnet18_cifar"``, or ``"timm:<timm model name>"``.
         **kwargs: the factory's keywords: ``width``, ``in_chans``, ``pooling``.
 
     Raises:
         UnknownNameError: an unknown name; the message lists the closest registered names.
-        CompatkitError: a ``timm_`` name while timm is not installed.
+        CompatkitError: a ``timm:`` name while timm cannot be imported.
     """
     if name in BACKBONES:
         return BACKBONES.get(name)(**kwargs)
@@ -70,8 +70,9 @@ class TimmBackbone(nn.Module):
             timm = importlib.import_module("timm")
         except ImportError as exc:
             raise CompatkitError(
-                f"backbone {TIMM_PREFIX}{model_name!r} needs timm, which is not installed "
-                "(pip install timm)"
+                f"backbone {TIMM_PREFIX}{model_name} needs timm, which cannot be imported here "
+                f"({exc}); install it with a torchvision that matches torch: "
+                "pip install 'compatkit[timm]'"
             ) from exc
         if not timm.is_model(model_name):
             close = difflib.get_close_matches(model_name, timm.list_models(), n=3, cutoff=0.6)

@@ -45,7 +45,8 @@ class DataConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    """The embedding model: backbone, width, embedding head and classifier."""
+    """The embedding model: backbone (a registered name or ``timm:NAME``), width, embedding
+    head, classifier and optional initial weights."""
 
     backbone: str = "resnet18_cifar"
     width: float = Field(0.25, gt=0.0)
@@ -55,6 +56,11 @@ class ModelConfig(StrictModel):
     normalize: bool = True
     classifier: str = "linear"
     classifier_kwargs: dict[str, Any] = Field(default_factory=dict)
+    init: str | None = Field(
+        None, description="initial weights: a compatkit artifact or run folder, a state dict "
+                          "(.safetensors, .pt) or a TorchScript backbone "
+                          "(compatkit.models.initial_weights)",
+    )
 
 
 class OptimConfig(StrictModel):

@@ -1,9 +1,9 @@
 """The one training loop: every method plugs in through ``Method.step``.
 
 Device, AMP and DDP are values of the run context, not separate code paths. A run folder holds
-``config.yaml``, ``run.json`` (seed, code version, runtime), ``data.json`` (split manifest),
-``history.json`` (per-epoch losses, lr, images/s), ``checkpoints/last`` (resumable state),
-``model/`` (the artifact) and ``metrics.json``.
+``config.yaml``, ``run.json`` (seed, code version, runtime, ``model.init``'s source and sha256),
+``data.json`` (split manifest), ``history.json`` (per-epoch losses, lr, images/s),
+``checkpoints/last`` (resumable state), ``model/`` (the artifact) and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from compatkit.eval.metrics import retrieval_metrics
 from compatkit.inference import embed_images
 from compatkit.methods import METHODS, Method, MethodBatch, MethodContext, create_method
 from compatkit.models import FrozenModel
+from compatkit.models.initial_weights import InitialWeights, load_initial_weights
 from compatkit.train.checkpoint import TrainState, load_train_state, save_train_state
 from compatkit.train.config import RunConfig, config_to_yaml
 from compatkit.train.prepare import PreparedData, prepare_data
@@ -85,6 +86,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> RunRe
         cfg.model, cfg.method, num_classes=len(data.class_ids), in_chans=spec.in_chans,
         frozen=build_frozen,
     ).to(rt.device)
+    initial = load_initial_weights(module, cfg.model.init) if cfg.model.init else None
     wrapped: nn.Module = (
         DistributedDataParallel(module, device_ids=[rt.device.index] if rt.device.type == "cuda"
                                 else None)
@@ -130,7 +132,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> RunRe
                                  generator=generator)
         log.info("resumed from %s at epoch %d", state_dir, state.epoch)
     elif rt.is_main:
-        _write_run_files(out_dir, cfg, rt, data)
+        _write_run_files(out_dir, cfg, rt, data, initial)
 
     reporter = ProgressReporter(enabled=cfg.train.progress and rt.is_main,
                                 total=total_steps, done=state.global_step)
@@ -290,12 +292,14 @@ def _read_history(out_dir: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def _write_run_files(out_dir: Path, cfg: RunConfig, rt: RunContext, data: PreparedData) -> None:
+def _write_run_files(out_dir: Path, cfg: RunConfig, rt: RunContext, data: PreparedData,
+                     initial: InitialWeights | None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
     run = {"seed": cfg.train.seed, "code_version": code_version(),
            "device": str(rt.device), "amp": str(rt.amp_dtype), "world_size": rt.world_size,
-           "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+           "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "init": None if initial is None else initial.as_dict()}
     (out_dir / "run.json").write_text(json.dumps(run, indent=2))
     (out_dir / "data.json").write_text(json.dumps(data.manifest, indent=2))
 

@@ -97,3 +97,38 @@ def test_unknown_collection_and_item(client):
     assert (r.status_code, r.json()) == (404, {"detail": "unknown collection 'nope'"})
     r = client.get("/collections/c/items/zz")
     assert (r.status_code, r.json()) == (404, {"detail": "collection 'c' has no item 'zz'"})
+
+
+@pytest.mark.parametrize("path", ["a/b c.png", "a%2Fb%20c.png"])
+def test_ids_with_slashes_are_read_and_deleted(client, store, path):
+    r = client.post("/collections/c/items", headers=AUTH, json={"items": [
+        {"id": "a/b c.png", "vector": V8}, {"id": "a", "vector": V8}]})
+    assert r.status_code == 200
+    r = client.get(f"/collections/c/items/{path}")
+    assert (r.status_code, r.json()["id"]) == (200, "a/b c.png")
+    assert client.delete(f"/collections/c/items/{path}").status_code == 401  # still guarded
+    assert client.delete(f"/collections/c/items/{path}", headers=AUTH).status_code == 204
+    assert client.get(f"/collections/c/items/{path}").status_code == 404
+    assert client.get("/collections/c/items/a").json()["id"] == "a"  # its prefix untouched
+    assert store.collection("c").count() == 6
+
+
+def test_deeply_nested_metadata_is_a_422(client, store):
+    depth = 5000  # deeper than the JSON parser's recursion limit
+    body = ('{"items": [{"id": "deep", "vector": [1, 0, 0, 0, 0, 0, 0, 0], "metadata": '
+            + '{"a": ' * depth + "1" + "}" * depth + "}]}")
+    r = client.post("/collections/c/items", headers={**AUTH, "content-type": "application/json"},
+                    content=body)
+    assert r.status_code == 422
+    assert r.json()["detail"].startswith("malformed JSON body")
+    assert store.collection("c").count() == 5
+
+
+def test_huge_vectors_are_stored_and_found_by_direction(client):
+    big = [3e38, 3e38, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    r = client.post("/collections/c/items", headers=AUTH, json={"items": [
+        {"id": "big", "vector": big}]})
+    assert r.status_code == 200
+    r = client.post("/collections/c/search", json={"vector": [1e20, 1e20] + [0.0] * 6, "k": 1})
+    hit = r.json()["hits"][0]
+    assert (hit["id"], hit["score"]) == ("big", pytest.approx(1.0, abs=1e-6))

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from compatkit import __version__
 from compatkit.errors import CompatkitError, UnknownNameError
@@ -30,11 +31,23 @@ from compatkit.index.service.routes import (
     upgrades,
     versions,
 )
+from compatkit.index.service.schemas import ErrorPublic
 from compatkit.index.service.settings import ServiceSettings
 from compatkit.index.service.worker import BackfillWorker
 from compatkit.index.store import IndexStore
 
 logger = logging.getLogger(__name__)
+
+#: The error answers every route documents in the OpenAPI schema (all ``{"detail": "..."}``).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorPublic, "description": why} for code, why in (
+        (401, "no bearer token (writes and admin routes)"),
+        (403, "a wrong bearer token"),
+        (404, "an unknown collection, item, version or job"),
+        (409, "a state conflict (a name taken, an upgrade running)"),
+        (413, "a request body over the limit"),
+        (422, "malformed JSON, unknown fields, bad values, incompatible versions"),
+    )}
 
 
 def create_app(store: IndexStore, settings: ServiceSettings) -> FastAPI:
@@ -65,15 +78,18 @@ def create_app(store: IndexStore, settings: ServiceSettings) -> FastAPI:
     app.state.store, app.state.settings, app.state.metrics = store, settings, metrics
     app.state.worker = None
     for module in (health, versions, collections, items, search, upgrades):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=ERROR_RESPONSES)
     _add_error_handlers(app)
     app.add_middleware(_BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(_MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
     return app
 
 
-def _detail(status_code: int, message: str) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status_code)
+def _detail(status_code: int, message: str, headers: dict[str, str] | None = None
+            ) -> JSONResponse:
+    """The one error shape: ``{"detail": "<one line>"}`` (line breaks of echoed input escaped)."""
+    line = message.replace("\r", "\\r").replace("\n", "\\n")
+    return JSONResponse({"detail": line}, status_code=status_code, headers=headers)
 
 
 def _validation_message(err: RequestValidationError) -> str:
@@ -92,6 +108,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         return _detail(status.HTTP_422_UNPROCESSABLE_CONTENT, _validation_message(err))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == status.HTTP_400_BAD_REQUEST:  # FastAPI could not parse the body
+            return _detail(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                           f"malformed JSON body: {err.detail} (e.g. nested too deeply)")
+        return _detail(err.status_code, str(err.detail), getattr(err, "headers", None))
+
     @app.exception_handler(UnknownNameError)
     async def _unknown(_: Request, err: UnknownNameError) -> JSONResponse:
         return _detail(status.HTTP_404_NOT_FOUND, str(err))
@@ -103,6 +126,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CompatkitError)
     async def _user_error(_: Request, err: CompatkitError) -> JSONResponse:
         return _detail(status.HTTP_422_UNPROCESSABLE_CONTENT, str(err))
+
+    @app.exception_handler(OverflowError)
+    async def _too_large(_: Request, err: OverflowError) -> JSONResponse:  # e.g. SQLite ints
+        return _detail(status.HTTP_422_UNPROCESSABLE_CONTENT, f"a number is out of range: {err}")
 
     @app.exception_handler(ValueError)
     async def _bad_value(_: Request, err: ValueError) -> JSONResponse:

@@ -30,6 +30,12 @@ class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ErrorPublic(_Out):
+    """Every error answer: one sentence that says what was wrong; nothing was changed."""
+
+    detail: str
+
+
 # ---------------------------------------------------------------- versions, relations
 
 
@@ -42,20 +48,69 @@ class HashEmbedderSpec(_In):
     anchor_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
 
+class ImageInputSpec(_In):
+    """Sources are images: resized to ``image_size`` (None: as they are), ``in_chans``
+    channels, ``(pixels / 255 - mean) / std`` per channel (defaults 0 and 1)."""
+
+    kind: Literal["image"] = "image"
+    image_size: Annotated[int, Field(ge=1, le=8192)] | None = None
+    in_chans: Literal[1, 3]
+    mean: Annotated[list[FiniteFloat], Field(min_length=1, max_length=3)] | None = None
+    std: Annotated[list[FiniteFloat], Field(min_length=1, max_length=3)] | None = None
+
+
+class ArrayInputSpec(_In):
+    """Sources are ``.npy`` arrays, fed to the model as they are."""
+
+    kind: Literal["array"] = "array"
+
+
+class ModelFileEmbedderSpec(_In):
+    """An ONNX or TorchScript file on the server; ``input`` None reads the file's own spec."""
+
+    kind: Literal["onnx", "torchscript"]
+    path: Annotated[str, Field(min_length=1, max_length=4096)]
+    input: Annotated[ImageInputSpec | ArrayInputSpec, Field(discriminator="kind")] | None = None
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 64
+
+
+class PythonEmbedderSpec(_In):
+    """``package.module:factory`` importable on the server, called with ``kwargs``."""
+
+    kind: Literal["python"]
+    factory: Annotated[str, Field(min_length=3, max_length=512)]
+    kwargs: dict[str, Any] = {}
+
+
 class VersionCreate(_In):
-    """Register a version by hand (vectors only, or with a hash embedder)."""
+    """Register a version by hand: vectors only, or with a hash (the default ``kind``), ONNX,
+    TorchScript or python embedder (see ``compatkit.index.external_embedders``)."""
 
     name: Name
     dim: Annotated[int, Field(ge=1, le=MAX_VECTOR_LENGTH)]
     normalized: bool = True
     kind: Literal["model", "side_info"] = "model"
-    embedder: HashEmbedderSpec | None = None
+    embedder: HashEmbedderSpec | ModelFileEmbedderSpec | PythonEmbedderSpec | None = None
 
 
-class ArtifactRegister(_In):
+Path = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class CalibrationFields(_In):
+    """A query adapter's score calibration: ``calibrate`` true fits it on a paired sample
+    (``from_vectors``, ``to_vectors``: .npy/.npz/.safetensors files on the server, row i one
+    item, in the transformation's source and target versions), false removes a stored one,
+    absent keeps what is stored."""
+
+    calibrate: bool | None = None
+    from_vectors: Path | None = None
+    to_vectors: Path | None = None
+
+
+class ArtifactRegister(CalibrationFields):
     """Register what a model/side-info/transformation artifact folder on the server holds."""
 
-    path: Annotated[str, Field(min_length=1, max_length=4096)]
+    path: Path
     new: Name | None = None
     side_version: Name | None = None
 
@@ -73,13 +128,14 @@ class VersionsPublic(_Out):
     count: int
 
 
-class RelationCreate(_In):
-    """Declare ``new`` compatible with ``old``, or a transformation artifact ``old -> new``."""
+class RelationCreate(CalibrationFields):
+    """Declare ``new`` compatible with ``old``, or a transformation artifact ``old -> new``
+    (a query adapter when ``old`` is the newer model; see ``CalibrationFields``)."""
 
     kind: Literal["compatible", "transform"]
     old: Name
     new: Name
-    artifact: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    artifact: Path | None = None
     side_version: Name | None = None
 
     @model_validator(mode="after")
@@ -88,7 +144,16 @@ class RelationCreate(_In):
             raise ValueError("a transform relation needs artifact")
         if self.kind == "compatible" and (self.artifact or self.side_version):
             raise ValueError("a compatible relation takes no artifact or side_version")
+        if self.kind == "compatible" and (self.calibrate is not None or self.from_vectors
+                                          or self.to_vectors):
+            raise ValueError("a compatible relation takes no calibration")
         return self
+
+
+class CalibrationPublic(_Out):
+    scale: float
+    shift: float
+    pairs: int
 
 
 class RelationPublic(_Out):
@@ -99,6 +164,7 @@ class RelationPublic(_Out):
     side_version: str | None
     origin: str
     description: str
+    calibration: CalibrationPublic | None = None
 
 
 class RelationsPublic(_Out):

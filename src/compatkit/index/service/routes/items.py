@@ -44,21 +44,22 @@ def add_items(body: ItemsCreate, coll: CollectionDep, settings: SettingsDep,
 
 
 @router.get("", response_model=ItemIdsPublic)
-def list_items(coll: CollectionDep, offset: Annotated[int, Query(ge=0)] = 0,
+def list_items(coll: CollectionDep, offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
                limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> ItemIdsPublic:
     """Item ids in insertion order; ``count`` is the collection's total."""
     return ItemIdsPublic(data=coll.list_ids(offset=offset, limit=limit), count=coll.count())
 
 
-@router.get("/{item_id}", response_model=ItemPublic)
+@router.get("/{item_id:path}", response_model=ItemPublic)
 def get_item(item_id: str, coll: CollectionDep, with_vectors: bool = False) -> ItemPublic:
-    """One item with the slots and versions of its vectors (their values if asked)."""
+    """One item with the slots and versions of its vectors (their values if asked); an id may
+    hold ``/`` (as ``index add --images`` gives items in subfolders), encoded or not."""
     return item_public(coll.get(item_id, with_vectors=with_vectors))
 
 
-@router.delete("/{item_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{item_id:path}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_item(item_id: str, coll: CollectionDep, _: AdminDep) -> Response:
-    """Delete one item (404 when it does not exist)."""
+    """Delete one item (404 when it does not exist); an id may hold ``/``."""
     if coll.delete([item_id]) == 0:
         raise UnknownNameError(f"collection {coll.name!r} has no item {item_id!r}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)

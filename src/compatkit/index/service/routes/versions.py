@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, status
 
 from compatkit.index.service.deps import AdminDep, StoreDep
 from compatkit.index.service.schemas import (
     ArtifactRegister,
+    CalibrationFields,
+    CalibrationPublic,
     RelationCreate,
     RelationPublic,
     RelationsPublic,
@@ -27,9 +31,21 @@ def version_public(info: VersionInfo) -> VersionPublic:
 
 def relation_public(rel: Relation) -> RelationPublic:
     """The public view of a relation."""
+    calibration = None if rel.calibration is None else CalibrationPublic(
+        **rel.calibration.to_json())
     return RelationPublic(kind=rel.kind, old=rel.old, new=rel.new, artifact=rel.artifact,
                           side_version=rel.side_version, origin=rel.origin,
-                          description=rel.describe())
+                          description=rel.describe(), calibration=calibration)
+
+
+def _pair_vectors(body: CalibrationFields) -> dict[str, Any]:
+    """The paired sample's arrays, read from the server files the body names."""
+    from compatkit.artifacts import load_vectors_file
+
+    files = {"from_vectors": body.from_vectors, "to_vectors": body.to_vectors}
+    return {"calibrate": body.calibrate,
+            **{name: None if path is None else load_vectors_file(path).vectors
+               for name, path in files.items()}}
 
 
 @router.get("/versions", response_model=VersionsPublic)
@@ -58,7 +74,8 @@ def register_version(body: VersionCreate, store: StoreDep, _: AdminDep) -> Versi
 def register_artifact(body: ArtifactRegister, store: StoreDep,
                       _: AdminDep) -> VersionPublic | RelationPublic:
     """Register a model (with its manifest's relations) or a transformation artifact."""
-    out = store.register_artifact(body.path, new=body.new, side_version=body.side_version)
+    out = store.register_artifact(body.path, new=body.new, side_version=body.side_version,
+                                  **_pair_vectors(body))
     return relation_public(out) if isinstance(out, Relation) else version_public(out)
 
 
@@ -75,4 +92,5 @@ def declare_relation(body: RelationCreate, store: StoreDep, _: AdminDep) -> Rela
     if body.kind == "compatible":
         return relation_public(store.declare_compatible(body.new, body.old))
     return relation_public(store.declare_transform(body.old, body.new, body.artifact or "",
-                                                   side_version=body.side_version))
+                                                   side_version=body.side_version,
+                                                   **_pair_vectors(body)))
