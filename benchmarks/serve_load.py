@@ -1,18 +1,28 @@
-"""Load on the index's HTTP service during a hot-refresh upgrade, next to FAISS used directly;
-backfill rate next to bare model inference.
+"""Load on the index's HTTP service, idle and during a hot-refresh upgrade, next to its engine
+(FAISS with the same batching) at the same concurrency; backfill rate next to bare inference.
 
 Part 1 (HTTP): a collection of ``--items`` (default 100k) random 128-d vectors, each with a
-source string, served by uvicorn in a subprocess on 127.0.0.1. Client threads send search
-requests (k=10, vectors of the new version) for a bounded number of requests and seconds:
-first on the idle collection, then while a hot-refresh upgrade vA -> vB runs in a separate
-worker process. Both versions use ``HashEmbedder`` (cheap and deterministic: the load is on the
-index, not on a model). The same queries through ``faiss.IndexFlatIP`` directly give the floor.
+source string, served by ``--workers`` uvicorn processes on 127.0.0.1. The load comes from
+outside the server: ``wrk`` (a compiled load generator, Debian package ``wrk``) when it is on the
+PATH, else client processes (``multiprocessing``, httpx) — the script says which. At each
+concurrency of ``--concurrency`` (default 1, 4, 16, 64) it measures search requests (k=10,
+vectors of the new version) for ``--seconds``: first on the idle collection, then while a
+hot-refresh upgrade vA -> vB runs in a separate worker process. Both versions use
+``HashEmbedder`` (cheap and deterministic: the load is on the index, not on a model). In the same
+run the engine answers the same queries in-process: ``faiss.IndexFlatIP`` one query per call,
+and at each concurrency through the service's own batching (``compatkit.index.batching.
+Gatherer``). The backfill rate under load is compared with the same backfill on a copy of the
+store with no load. ``--profile`` records the server with py-spy (if installed) during the idle
+and the backfill phase at concurrency 16 and prints where the time goes.
 
 Part 2 (backfill vs inference): a real small compatkit model (resnet18_cifar, width 0.25,
 random weights) on 32-px PNG sources: the backfill rate of a hot-refresh upgrade through the
 index (decode + embed + commit) next to ``embed_images`` on the same images already in memory.
 
-Run:  PYTHONPATH=src .venv/bin/python benchmarks/serve_load.py
+With ``--baseline-src OTHER/src`` it then starts the baseline's server (1 process) and this
+tree's (1 and 2 processes) in turn on one store and compares their idle rates.
+
+Run:  PYTHONPATH=src .venv/bin/python benchmarks/serve_load.py --skip-model --workers 2
 """
 
 from __future__ import annotations
@@ -20,12 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -42,18 +55,22 @@ DIM = 128
 K = 10
 
 SERVER = """
-import logging, sys, uvicorn
+import sys, uvicorn
 from compatkit.index import IndexStore
 from compatkit.index.service import ServiceSettings, create_app
-store = IndexStore(sys.argv[1])
-app = create_app(store, ServiceSettings(admin_token=sys.argv[3], run_worker=False))
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning",
-            access_log=False)
+root, port, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
+settings = ServiceSettings(admin_token=sys.argv[3], run_worker=False)
+if workers == 1:
+    uvicorn.run(create_app(IndexStore(root), settings), host="127.0.0.1", port=port,
+                log_level="warning", access_log=False)
+else:
+    from compatkit.index.service.launch import serve
+    serve(root, settings, port=port, workers=workers, log_level="warning")
 """
 
 WORKER = """
 import json, sys, time
-from compatkit.index import IndexStore, job_status, run_backfill
+from compatkit.index import IndexStore, run_backfill
 store = IndexStore(sys.argv[1])
 job = int(sys.argv[2])
 t0 = time.perf_counter()
@@ -62,9 +79,26 @@ print(json.dumps({"state": st.state, "seconds": time.perf_counter() - t0,
                   "written": st.written}), flush=True)
 """
 
+WRK_SCRIPT = """
+local bodies = {%s}
+local i = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i + 1
+  return wrk.format(nil, nil, nil, bodies[(i %% #bodies) + 1])
+end
+"""
+
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def summary(latencies: list[float], failed: int, seconds: float) -> dict:
+    return {"ok": len(latencies), "failed": failed, "seconds": seconds,
+            "qps": len(latencies) / seconds, "p50_ms": 1e3 * percentile(latencies, 50),
+            "p99_ms": 1e3 * percentile(latencies, 99)}
 
 
 def build_store(root: Path, n: int, seed: int) -> np.ndarray:
@@ -83,7 +117,7 @@ def build_store(root: Path, n: int, seed: int) -> np.ndarray:
     for start in range(0, n, 5000):
         coll.add([ItemInput(f"item{i}", source=f"item{i}", vector=vectors[i])
                   for i in range(start, min(start + 5000, n))])
-    store.close()
+    store.close()  # the last connection folds the WAL into the database file
     return vectors
 
 
@@ -93,7 +127,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_healthy(base: str, timeout: float = 60.0) -> None:
+def wait_healthy(base: str, timeout: float = 120.0) -> None:
     import httpx
 
     end = time.monotonic() + timeout
@@ -107,54 +141,107 @@ def wait_healthy(base: str, timeout: float = 60.0) -> None:
     raise RuntimeError("the server did not become healthy")
 
 
-def http_load(base: str, queries: np.ndarray, *, clients: int, max_requests: int,
-              max_seconds: float, stop: threading.Event | None = None) -> dict:
-    """Search requests from ``clients`` threads until a bound (or ``stop``) is reached."""
+# ------------------------------------------------------------------ load generators
+
+
+def wrk_load(base: str, script: Path, concurrency: int, seconds: float) -> dict:
+    """``wrk`` at ``concurrency`` open connections for ``seconds`` (closed loop)."""
+    out = subprocess.run(
+        ["wrk", "-t", str(min(concurrency, 2)), "-c", str(concurrency), "-d",
+         f"{max(1, round(seconds))}s", "--latency", "--timeout", "30s", "-s", str(script),
+         f"{base}/collections/bench/search"], capture_output=True, text=True, check=True).stdout
+    done = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    n, wall = int(done.group(1)), float(done.group(2)) * (1e-3 if done.group(3) == "ms" else 1)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                       out)
+    failed = (int(bad.group(1)) if bad else 0) + (sum(map(int, errors.groups())) if errors else 0)
+    dist = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+[a-z]+)\s*$", out, flags=re.M))
+    if "50" not in dist or "99" not in dist:
+        raise RuntimeError(f"cannot read wrk's latency distribution from:\n{out}")
+    return {"ok": n - failed, "failed": failed, "seconds": wall, "qps": (n - failed) / wall,
+            "p50_ms": _ms(dist["50"]), "p99_ms": _ms(dist["99"])}
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+def _client_process(base: str, threads: int, seconds: float, bodies: list[str]) -> tuple:
     import httpx
 
     latencies: list[float] = []
-    failures = [0]
+    failed = [0]
     lock = threading.Lock()
-    issued = [0]
-    deadline = time.perf_counter() + max_seconds
-    bodies = [json.dumps({"vector": q.tolist(), "version": "vB", "k": K,
-                          "with_metadata": False}) for q in queries]
+    deadline = time.perf_counter() + seconds
 
     def client(cid: int) -> None:
         with httpx.Client(base_url=base, timeout=30.0) as http:
             i = cid
-            while time.perf_counter() < deadline and not (stop is not None and stop.is_set()):
-                with lock:
-                    if issued[0] >= max_requests:
-                        return
-                    issued[0] += 1
+            while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
                 r = http.post("/collections/bench/search", content=bodies[i % len(bodies)],
                               headers={"content-type": "application/json"})
                 dt = time.perf_counter() - t0
                 with lock:
-                    if r.status_code == 200 and len(r.json()["hits"]) == K:
+                    if r.status_code == 200:
                         latencies.append(dt)
                     else:
-                        failures[0] += 1
-                i += clients
+                        failed[0] += 1
+                i += threads
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
+    pool = [threading.Thread(target=client, args=(c,)) for c in range(threads)]
+    for t in pool:
         t.start()
-    for t in threads:
+    for t in pool:
         t.join()
+    return latencies, failed[0]
+
+
+def process_load(base: str, bodies: list[str], concurrency: int, seconds: float) -> dict:
+    """Client processes (at most 4, threads inside) at ``concurrency`` for ``seconds``."""
+    procs = min(concurrency, 4)
+    per = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(procs) as pool:
+        parts = list(pool.map(_client_process, [base] * procs, per, [seconds] * procs,
+                              [bodies] * procs))
     wall = time.perf_counter() - t0
-    return {"ok": len(latencies), "failed": failures[0], "seconds": wall,
-            "qps": len(latencies) / wall, "p50_ms": 1e3 * percentile(latencies, 50),
-            "p99_ms": 1e3 * percentile(latencies, 99)}
+    return summary([x for lat, _ in parts for x in lat], sum(f for _, f in parts), wall)
 
 
-def faiss_direct(vectors: np.ndarray, queries: np.ndarray, n_queries: int) -> dict:
-    """The same exact top-k through one ``IndexFlatIP``, one query per call."""
+class Load:
+    """The load generator: wrk when installed, else client processes."""
+
+    def __init__(self, base: str, queries: np.ndarray, work: Path, force_python: bool) -> None:
+        self.base = base
+        self.bodies = [json.dumps({"vector": q.tolist(), "version": "vB", "k": K,
+                                   "with_metadata": False}) for q in queries]
+        self.wrk = None if force_python else shutil.which("wrk")
+        self.script = work / "search.lua"
+        self.script.write_text(WRK_SCRIPT % ", ".join(f"[==[{b}]==]" for b in self.bodies))
+
+    @property
+    def name(self) -> str:
+        return ("wrk (compiled, closed loop)" if self.wrk else
+                "client processes (httpx; wrk not found: `apt-get install wrk` for a lighter one)")
+
+    def run(self, concurrency: int, seconds: float) -> dict:
+        if self.wrk:
+            return wrk_load(self.base, self.script, concurrency, seconds)
+        return process_load(self.base, self.bodies, concurrency, seconds)
+
+
+# ------------------------------------------------------------------ the engine alone
+
+
+def faiss_direct(vectors: np.ndarray, queries: np.ndarray, seconds: float) -> tuple:
+    """The exact top-k through one ``IndexFlatIP``, one query per call, one thread; and a
+    function measuring the same index at a concurrency through the service's batching."""
     import faiss
 
+    from compatkit.index.batching import Gatherer
     from compatkit.index.vectors import l2_normalize
 
     index = faiss.IndexFlatIP(DIM)
@@ -162,73 +249,223 @@ def faiss_direct(vectors: np.ndarray, queries: np.ndarray, n_queries: int) -> di
     qs = l2_normalize(queries)
     latencies = []
     t_all = time.perf_counter()
-    for i in range(n_queries):
+    i = 0
+    while time.perf_counter() - t_all < seconds:
         t0 = time.perf_counter()
         index.search(qs[i % len(qs)][None, :], K)
         latencies.append(time.perf_counter() - t0)
-    wall = time.perf_counter() - t_all
-    return {"ok": n_queries, "failed": 0, "seconds": wall, "qps": n_queries / wall,
-            "p50_ms": 1e3 * percentile(latencies, 50), "p99_ms": 1e3 * percentile(latencies, 99)}
+        i += 1
+    single = summary(latencies, 0, time.perf_counter() - t_all)
+
+    def run(batch: list[dict]) -> None:
+        _, ids = index.search(np.stack([r["q"] for r in batch]), K)
+        for r, row in zip(batch, ids, strict=True):
+            r["ids"] = row
+
+    gatherer = Gatherer(run, size=lambda r: 1, max_size=256)
+
+    def batched(concurrency: int) -> dict:
+        lat: list[float] = []
+        lock = threading.Lock()
+        deadline = time.perf_counter() + seconds
+
+        def client(cid: int) -> None:
+            j = cid
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                gatherer.submit({"q": qs[j % len(qs)]})
+                with lock:
+                    lat.append(time.perf_counter() - t0)
+                j += concurrency
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return summary(lat, 0, time.perf_counter() - t0)
+
+    return single, batched
+
+
+# ------------------------------------------------------------------ profiling
+
+
+def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    """py-spy recording the server (and its worker processes) for ``seconds``, if installed."""
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if spy is None:
+        print("# --profile: py-spy not found (pip install py-spy); no profile", flush=True)
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "-d",
+                             str(max(1, round(seconds))), "-r", "200", "--format", "raw",
+                             "--nonblocking", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def print_profile(spy: subprocess.Popen | None, out: Path, title: str) -> None:
+    if spy is None:
+        return
+    spy.wait(120)
+    if out.is_file():
+        from profile_breakdown import print_breakdown
+
+        print(f"\n### Where the server's time goes: {title}")
+        print_breakdown(out)
+
+
+# ------------------------------------------------------------------ the run
+
+
+def backfill(root: Path, env: dict, job: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WORKER, str(root), str(job)], env=env,
+                            stdout=subprocess.PIPE, text=True)
 
 
 def http_part(args: argparse.Namespace, work: Path) -> None:
     import faiss
     import httpx
 
+    from compatkit.index import IndexStore
+
     faiss.omp_set_num_threads(1)
     t0 = time.perf_counter()
     vectors = build_store(work / "store", args.items, args.seed)
     print(f"# built {args.items} items in {time.perf_counter() - t0:.1f} s", flush=True)
     queries = np.random.default_rng(args.seed + 1).standard_normal((256, DIM)).astype(np.float32)
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(args.src), "OMP_NUM_THREADS": "1"}
+
+    # the same backfill on a copy, with no load: the reference rate
+    shutil.copytree(work / "store", work / "quiet")
+    quiet = IndexStore(work / "quiet")
+    job = quiet.collection("bench").start_upgrade("vB", batch_size=args.batch_size, seed=0).job
+    quiet.close()
+    proc = backfill(work / "quiet", env, job)
+    quiet_result = json.loads(proc.communicate(timeout=1200)[0].strip().splitlines()[-1])
+    shutil.rmtree(work / "quiet")
+    quiet_rate = quiet_result["written"] / quiet_result["seconds"]
+    print(f"# backfill with no load: {quiet_rate:,.0f} items/s", flush=True)
+
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(work / "store"), str(port),
-                               TOKEN], env=env)
-    rows = {}
+                               TOKEN, str(args.workers)], env=env)
+    load = Load(base, queries, work, args.python_clients)
+    single, engine_batched = faiss_direct(vectors, queries, args.engine_seconds)
+    engine, idle, during, fractions = {}, {}, {}, {}
     try:
         wait_healthy(base)
-        httpx.post(f"{base}/collections/bench/search", timeout=120, json={
-            "vector": queries[0].tolist(), "k": K})  # builds the server's FAISS cache
-        rows["FAISS IndexFlatIP in-process, nq=1"] = faiss_direct(vectors, queries,
-                                                                  args.faiss_queries)
-        rows["HTTP search, idle collection"] = http_load(
-            base, queries, clients=args.clients, max_requests=args.requests // 2,
-            max_seconds=args.seconds / 2)
-        r = httpx.post(f"{base}/collections/bench/upgrades", headers=AUTH, timeout=120,
+        for _ in range(4 * args.workers):  # build every worker's FAISS cache
+            httpx.post(f"{base}/collections/bench/search", timeout=300,
+                       json={"vector": queries[0].tolist(), "k": K})
+        for c in args.concurrency:
+            engine[c] = engine_batched(c)
+            spy = (start_profile(server.pid, args.seconds, work / "idle.prof")
+                   if args.profile and c == 16 else None)
+            idle[c] = load.run(c, args.seconds)
+            print(f"# idle c={c}: {idle[c]['qps']:.0f} q/s", flush=True)
+            print_profile(spy, work / "idle.prof", "idle, concurrency 16")
+        r = httpx.post(f"{base}/collections/bench/upgrades", headers=AUTH, timeout=300,
                        json={"version": "vB", "batch_size": args.batch_size, "seed": 0})
         job = r.json()["job"]
-        t_upgrade = time.perf_counter()
-        worker = subprocess.Popen([sys.executable, "-c", WORKER, str(work / "store"), str(job)],
-                                  env=env, stdout=subprocess.PIPE, text=True)
+        worker = backfill(work / "store", env, job)
         done = threading.Event()
         threading.Thread(target=lambda: (worker.wait(), done.set()), daemon=True).start()
-        frac0 = httpx.get(f"{base}/collections/bench/upgrades/current").json()["fraction"]
-        rows["HTTP search, during hot-refresh backfill"] = http_load(
-            base, queries, clients=args.clients, max_requests=args.requests,
-            max_seconds=args.seconds, stop=done)
-        frac1 = httpx.get(f"{base}/collections/bench/upgrades/current").json()["fraction"]
-        out, _ = worker.communicate(timeout=600)
+        phase_s = min(args.seconds, max(2.0, 0.8 * quiet_result["seconds"] /
+                                        len(args.concurrency)))
+        spy = None
+
+        def fraction() -> float:
+            return httpx.get(f"{base}/collections/bench/upgrades/current",
+                             timeout=60).json()["fraction"]
+
+        for c in args.concurrency:
+            if done.is_set():
+                break
+            f0 = fraction()
+            if args.profile and c == 16:
+                spy = start_profile(server.pid, phase_s, work / "backfill.prof")
+            during[c] = load.run(c, phase_s)
+            fractions[c] = (f0, fraction(), done.is_set())
+            print(f"# backfill c={c}: {during[c]['qps']:.0f} q/s", flush=True)
+        while not done.is_set():  # keep the backfill under load to its end
+            load.run(16, 2.0)
+        out, _ = worker.communicate(timeout=1200)
         result = json.loads(out.strip().splitlines()[-1])
-        status = httpx.get(f"{base}/collections/bench/upgrades/current").json()
-        backfill_wall = time.perf_counter() - t_upgrade
+        status = httpx.get(f"{base}/collections/bench/upgrades/current", timeout=60).json()
     finally:
         server.terminate()
-        server.wait(30)
+        server.wait(60)
+    print_profile(spy, work / "backfill.prof", "during the backfill, concurrency 16")
 
-    print(f"\n## Search, {args.items:,} items, d={DIM}, k={K}, {args.clients} client threads "
-          f"(bounds: {args.requests} requests / {args.seconds:.0f} s per phase)\n")
-    print("| path | queries/s | p50 ms | p99 ms | answered | failed |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['qps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['ok']} | "
-              f"{r['failed']} |")
-    print(f"\nThe load during the upgrade ran while the backfill went from {100 * frac0:.1f}% "
-          f"to {100 * frac1:.1f}%.")
-    print(f"Backfill (hash embedder, worker process, batches of {args.batch_size}, under the "
-          f"load): {result['written']:,} items in {result['seconds']:.1f} s = "
-          f"{result['written'] / result['seconds']:,.0f} items/s; job state {status['state']}, "
-          f"{backfill_wall:.1f} s from start to completion.")
+    print(f"\n## Search, {args.items:,} items, d={DIM}, k={K}; {args.workers} server "
+          f"process(es); load: {load.name}; {args.seconds:.0f} s per idle phase, "
+          f"{phase_s:.0f} s per backfill phase\n")
+    print(f"FAISS IndexFlatIP in-process, one query per call, 1 thread: {single['qps']:.0f} q/s, "
+          f"p50 {single['p50_ms']:.2f} ms, p99 {single['p99_ms']:.2f} ms\n")
+    print("| concurrency | engine: FAISS + same batching q/s (p50 / p99 ms) | HTTP idle q/s "
+          "(p50 / p99 ms) | HTTP during backfill q/s (p50 / p99 ms) | backfill during phase | "
+          "p99 backfill / idle | failed |")
+    print("|---:|---:|---:|---:|---|---:|---:|")
+    for c in args.concurrency:
+        e, i = engine[c], idle[c]
+        d = during.get(c)
+        cell = (f"{d['qps']:.0f} ({d['p50_ms']:.1f} / {d['p99_ms']:.1f})" if d else "backfill over")
+        f = fractions.get(c)
+        frac = (f"{100 * f[0]:.0f}% → {100 * f[1]:.0f}%" + (" (ended)" if f[2] else "")
+                if f else "")
+        ratio = f"{d['p99_ms'] / i['p99_ms']:.2f}×" if d else ""
+        failed = i["failed"] + (d["failed"] if d else 0)
+        print(f"| {c} | {e['qps']:.0f} ({e['p50_ms']:.1f} / {e['p99_ms']:.1f}) | "
+              f"{i['qps']:.0f} ({i['p50_ms']:.1f} / {i['p99_ms']:.1f}) | {cell} | {frac} | "
+              f"{ratio} | {failed} |")
+    rate = result["written"] / result["seconds"]
+    print(f"\nBackfill (hash embedder, one worker process, batches of {args.batch_size}): "
+          f"{rate:,.0f} items/s under load vs {quiet_rate:,.0f} items/s with no load "
+          f"({100 * rate / quiet_rate:.0f}%); job state {status['state']}.")
+
+
+def interleaved_part(args: argparse.Namespace, work: Path) -> None:
+    """Idle search rate of the baseline tree (1 process) and of this tree (1 and 2 processes),
+    started in turn on one store for ``--rounds`` rounds: a fairer comparison than separate runs
+    on a machine whose load changes from minute to minute."""
+    import httpx
+
+    build_store(work / "ab-store", args.items, args.seed)
+    queries = np.random.default_rng(args.seed + 1).standard_normal((256, DIM)).astype(np.float32)
+    configs = [(f"baseline ({args.baseline_src}), 1 process", args.baseline_src, 1),
+               ("this tree, 1 process", args.src, 1), ("this tree, 2 processes", args.src, 2)]
+    rates: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(args.rounds):
+        for name, src, workers in configs:
+            env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            server = subprocess.Popen([sys.executable, "-c", SERVER, str(work / "ab-store"),
+                                       str(port), TOKEN, str(workers)], env=env)
+            try:
+                wait_healthy(base)
+                for _ in range(4 * workers):
+                    httpx.post(f"{base}/collections/bench/search", timeout=300,
+                               json={"vector": queries[0].tolist(), "k": K})
+                load = Load(base, queries, work, args.python_clients)
+                for c in args.concurrency:
+                    rates.setdefault((name, c), []).append(load.run(c, args.ab_seconds))
+            finally:
+                server.terminate()
+                server.wait(60)
+    print(f"\n## Idle search, {args.items:,} items, configurations in turn, {args.rounds} rounds "
+          f"of {args.ab_seconds:.0f} s per concurrency; median q/s (p99 ms) over rounds\n")
+    print("| server | " + " | ".join(f"c={c}" for c in args.concurrency) + " |")
+    print("|---|" + "---:|" * len(args.concurrency))
+    for name, _, _ in configs:
+        cells = []
+        for c in args.concurrency:
+            runs = rates[(name, c)]
+            cells.append(f"{np.median([r['qps'] for r in runs]):.0f} "
+                         f"({np.median([r['p99_ms'] for r in runs]):.0f})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def model_part(args: argparse.Namespace, work: Path) -> None:
@@ -287,11 +524,21 @@ def model_part(args: argparse.Namespace, work: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--items", type=int, default=100_000)
-    p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--requests", type=int, default=4000, help="bound per load phase")
-    p.add_argument("--seconds", type=float, default=60.0, help="bound per load phase")
+    p.add_argument("--workers", type=int, default=1, help="server processes")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--seconds", type=float, default=10.0, help="per idle phase (and at most "
+                   "per backfill phase)")
+    p.add_argument("--engine-seconds", type=float, default=3.0, help="per engine phase")
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--faiss-queries", type=int, default=2000)
+    p.add_argument("--python-clients", action="store_true",
+                   help="client processes even when wrk is installed")
+    p.add_argument("--profile", action="store_true", help="py-spy the server at concurrency 16")
+    p.add_argument("--src", type=Path, default=SRC, help="the compatkit source tree the server "
+                   "runs (another checkout's src/ gives its baseline; --workers 1 only there)")
+    p.add_argument("--baseline-src", type=Path, default=None,
+                   help="also compare idle rates with this tree's server, in turn")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of that comparison")
+    p.add_argument("--ab-seconds", type=float, default=5.0, help="per phase of it")
     p.add_argument("--model-items", type=int, default=2048)
     p.add_argument("--model-batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
@@ -302,10 +549,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         if not args.skip_http:
             http_part(args, Path(tmp))
+        if args.baseline_src is not None:
+            interleaved_part(args, Path(tmp))
         if not args.skip_model:
             model_part(args, Path(tmp))
     print(f"\ncpu: {os.cpu_count()} cores visible (shared); python {sys.version.split()[0]}; "
-          "latencies are client-side wall times, p50/p99 by numpy.percentile")
+          "latencies are client-side wall times")
 
 
 if __name__ == "__main__":

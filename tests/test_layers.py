@@ -30,6 +30,7 @@ INDEX_LAYERS: tuple[tuple[str, ...], ...] = (
     ("slots",),
     ("jobs",),
     ("search",),
+    ("batching",),
     ("plan",),
     ("upgrade",),
     ("collection",),

@@ -38,6 +38,12 @@ from compatkit.registry import Registry
 
 logger = logging.getLogger(__name__)
 
+#: FAISS scores a flat search of at least this many queries with one matrix product (one pass
+#: over the vectors). Its default, 20, scores smaller batches query by query, a full pass each,
+#: which made batches of 2-19 concurrent searches cost as much as searching them one by one.
+FLAT_BLAS_MIN_QUERIES = 2
+faiss.cvar.distance_compute_blas_threshold = FLAT_BLAS_MIN_QUERIES
+
 #: IVF k-means sees at most this many (seeded, sampled) training points per list.
 IVF_TRAIN_PER_LIST = 64
 _IVF_SAMPLE_SEED = 0
@@ -113,16 +119,44 @@ class VectorGroup:
         if len(self) == 0 or k < 1:
             return GroupHits(np.full((nq, max(k, 0)), -np.inf, dtype=np.float32),
                              np.full((nq, max(k, 0)), -1, dtype=np.int64))
-        bitmap = sel = None
-        if len(self._slot_of) < self._size:  # dead slots: search the live ones only
-            bitmap = np.packbits(self._alive[:self._size], bitorder="little")
-            sel = faiss.IDSelectorBitmap(self._size, faiss.swig_ptr(bitmap))
-        # ``bitmap`` and ``sel`` stay referenced here until the search returns
-        scores, slots = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k,
-                                           params=self._search_params(sel))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if len(self._slot_of) == self._size:
+            scores, slots = self._index.search(queries, k, params=self._search_params(None))
+        elif self._structure == "flat":
+            scores, slots = self._search_flat_with_dead(queries, k)
+        else:
+            scores, slots = self._search_live(queries, k)
         keys = np.where(slots >= 0, self._keys[np.maximum(slots, 0)], -1)
         scores = np.where(slots >= 0, scores, -np.inf).astype(np.float32)
         return GroupHits(scores, keys.astype(np.int64))
+
+    def _search_live(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search the live slots only, through an ``IDSelectorBitmap``."""
+        bitmap = np.packbits(self._alive[:self._size], bitorder="little")
+        sel = faiss.IDSelectorBitmap(self._size, faiss.swig_ptr(bitmap))
+        # ``bitmap`` and ``sel`` stay referenced here until the search returns
+        return self._index.search(queries, k, params=self._search_params(sel))
+
+    def _search_flat_with_dead(self, queries: np.ndarray,
+                               k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The live top-k of a flat index with dead slots, batched.
+
+        FAISS scores a query batch with one matrix product, but a selector makes it score
+        query by query; so ask for enough more than ``k`` to cover the dead slots, drop them,
+        and search only the queries left short through the selector.
+        """
+        dead_share = 1.0 - len(self._slot_of) / self._size
+        wide = min(self._size, k + int(np.ceil(2 * k * dead_share / (1 - dead_share))) + 8)
+        scores, slots = self._index.search(queries, wide)
+        alive = (slots >= 0) & self._alive[np.maximum(slots, 0)]
+        order = np.argsort(~alive, axis=1, kind="stable")[:, :k]  # live first, rank kept
+        scores = np.take_along_axis(scores, order, axis=1)
+        slots = np.where(np.take_along_axis(alive, order, axis=1),
+                         np.take_along_axis(slots, order, axis=1), -1)
+        short = np.flatnonzero((slots < 0).any(axis=1))
+        if len(short) and wide < self._size:
+            scores[short], slots[short] = self._search_live(queries[short], k)
+        return scores, slots
 
     def vectors_of(self, keys: np.ndarray) -> np.ndarray:
         """The stored (normalised) vectors of ``keys``. Raises KeyError for an unknown key."""

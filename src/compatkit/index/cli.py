@@ -204,9 +204,9 @@ def create(
     nlist: Annotated[int | None, typer.Option(help="IVF lists (default 4·√n)")] = None,
     nprobe: Annotated[int, typer.Option(help="IVF lists visited per query")] = 16,
     hnsw_m: Annotated[int, typer.Option(help="HNSW graph degree")] = 32,
-    ef_search: Annotated[int, typer.Option(help="HNSW search beam")] = 128,
+    ef_search: Annotated[int, typer.Option(help="HNSW search beam")] = 256,
     ef_construction: Annotated[int, typer.Option(help="HNSW build beam")
-                               ] = 80,
+                               ] = 200,
     as_json: JsonOpt = False,
 ) -> None:
     """Create an empty collection served by --version (or by the model --artifact)."""
@@ -470,12 +470,14 @@ def serve(
                            ] = None,
     worker: Annotated[bool, typer.Option(help="run upgrade batches in the server")] = True,
     max_body_mb: Annotated[float, typer.Option(help="largest request body")] = 8.0,
+    workers: Annotated[int, typer.Option(
+        min=1, help="server processes on the store (on 2 cores: 2)")] = 1,
 ) -> None:
-    """Serve the index over HTTP (FastAPI + uvicorn)."""
-    import uvicorn
+    """Serve the index over HTTP (FastAPI + uvicorn), in one process or --workers."""
     from pydantic import ValidationError
 
-    from compatkit.index.service import ServiceSettings, create_app
+    from compatkit.index.service import ServiceSettings
+    from compatkit.index.service.launch import serve as serve_store
 
     try:
         settings = ServiceSettings(admin_token=token, source_root=source_root, run_worker=worker,
@@ -483,8 +485,8 @@ def serve(
     except ValidationError as err:  # its text would echo the rejected token
         reasons = "; ".join(e["msg"] for e in err.errors(include_url=False, include_input=False))
         raise CompatkitError(f"bad service settings: {reasons}") from None
-    app = create_app(_open(store, create=True), settings)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    _open(store, create=True).close()
+    serve_store(store, settings, host=host, port=port, workers=workers)
 
 
 def _pair_vectors(from_vectors: Path | None, to_vectors: Path | None) -> dict[str, Any]:

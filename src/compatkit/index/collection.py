@@ -19,20 +19,20 @@ from typing import Any
 import numpy as np
 
 from compatkit.errors import IncompatibleSpacesError, UnknownNameError
+from compatkit.index.batching import BatchingStore
 from compatkit.index.db import (
     count_items,
     item_ids,
     item_row,
     relations,
     require_collection,
-    require_version,
     side_versions,
     unknown_message,
     version_map,
 )
 from compatkit.index.errors import StateConflictError
 from compatkit.index.jobs import UpgradeStatus, unfinished_job
-from compatkit.index.search import SearchResult, SearchStore, fetch_hits
+from compatkit.index.search import SearchResult
 from compatkit.index.slots import (
     NewItem,
     Slot,
@@ -152,7 +152,7 @@ class _Prepared:
 class Collection:
     """A handle on one collection of an ``IndexStore`` (cheap to create; holds no state)."""
 
-    def __init__(self, store: SearchStore, name: str) -> None:
+    def __init__(self, store: BatchingStore, name: str) -> None:
         self.store, self.name = store, name
 
     def __repr__(self) -> str:
@@ -246,21 +246,22 @@ class Collection:
         self, vectors: Any, *, version: str | None = None, k: int = 10,
         with_metadata: bool = True,
     ) -> list[SearchResult]:
-        """Top-k for each row of ``vectors`` (nq, d) of one ``version``; see ``search``."""
+        """Top-k for each row of ``vectors`` (nq, d) of one ``version``; see ``search``.
+
+        Runs through the store's ``SearchBatcher``: concurrent calls share batched searches.
+        """
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise ValueError(f"k must be an integer in [1, {MAX_K}], got {k!r}")
-        with self.store.read() as con:
-            serving = require_collection(con, self.name)[0]
-            info = require_version(con, version or serving)
+        state = self.store.search_cache(self.name).state()  # no SQLite read if nothing changed
+        info = state.version(version or state.serving)
         if info.kind != "model":
             raise ValueError(f"version {info.name!r} is a {info.kind} model; queries must be "
                              "embeddings of a model version")
         queries = as_vectors(vectors, info.dim, what=f"query vectors of version {info.name!r}")
         if info.normalized:  # its model's outputs are unit vectors: so is what a transform sees
             queries = l2_normalize(queries)
-        rows = self.store.search_cache(self.name).search(queries, info.name, k)
-        return [SearchResult(info.name, fetch_hits(self.store, r, with_metadata=with_metadata))
-                for r in rows]
+        return self.store.search_batcher().search(self.name, queries, info.name, k,
+                                                  with_metadata=with_metadata)
 
     # ------------------------------------------------------------------ writes
 

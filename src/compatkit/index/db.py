@@ -185,6 +185,8 @@ class Database:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._watcher: sqlite3.Connection | None = None
+        self._watch_lock = threading.Lock()
         with self.write() as con:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
@@ -241,8 +243,26 @@ class Database:
         with self.read() as fresh:
             yield fresh
 
+    def change_token(self) -> int:
+        """A number that changes whenever any connection, of any process, commits a write.
+
+        One cheap read (``PRAGMA data_version`` on a connection of its own that never writes):
+        a token read before a read transaction, and equal to one read later, proves that
+        nothing was committed in between, so what that transaction saw is still current.
+        """
+        with self._watch_lock:
+            if self._watcher is None:
+                self._watcher = sqlite3.connect(self.path, isolation_level=None,
+                                                timeout=self.busy_timeout_s,
+                                                check_same_thread=False)
+            return int(self._watcher.execute("PRAGMA data_version").fetchone()[0])
+
     def close(self) -> None:
         """Close every connection this object opened (in any thread)."""
+        with self._watch_lock:
+            if self._watcher is not None:
+                self._watcher.close()
+                self._watcher = None
         with self._lock:
             for con in self._connections:
                 con.close()
@@ -272,6 +292,8 @@ class Store(Protocol):
     def write(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
     def snapshot(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
+    def change_token(self) -> int: ...
 
     def version(self, name: str) -> VersionInfo: ...
 

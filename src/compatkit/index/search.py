@@ -1,9 +1,16 @@
 """Search over a whole collection: one group per (version space, origin), merged top-k.
 
 A ``SearchCache`` mirrors the ``current`` vectors of one collection into the groups of its
-search backend (``compatkit.index.backends``: FAISS ``VectorGroup``s, or Qdrant). It
-replays the store's ``changes`` log before every search (or rebuilds after a whole-collection
-rewrite), so a search sees every write committed before it started, whichever process wrote it.
+search backend (``compatkit.index.backends``: FAISS ``VectorGroup``s, or Qdrant). Before every
+search it reads the store's change token (``Database.change_token``, one cheap read); only when
+the token moved does it re-read the collection's state and replay the ``changes`` log (or
+rebuild after a whole-collection rewrite). So a search sees every write committed before it
+started, whichever process wrote it, without a SQLite transaction per request when nothing
+changed.
+
+Each group returns ``k + RESCORE_MARGIN`` candidates, which are rescored exactly (float64 dot
+products of the stored vectors, one pair at a time) and ordered by (score desc, key asc): the
+answer of a query is the same whether it was searched alone or in a batch of any size.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from compatkit.errors import UnknownNameError
 from compatkit.index.backends import open_backend
 from compatkit.index.db import (
     Database,
@@ -30,6 +38,7 @@ from compatkit.index.db import (
     pruned_seq,
     relations,
     require_collection,
+    unknown_message,
     version_map,
 )
 from compatkit.index.options import BackendOptions, GroupIndex, GroupKey, SearchBackend
@@ -38,6 +47,9 @@ from compatkit.index.vectors import l2_normalize, stack_blobs
 from compatkit.index.versions import Relation, Route, VersionInfo, find_route
 
 logger = logging.getLogger(__name__)
+
+#: Candidates per group beyond ``k`` that are rescored exactly before the top-k is cut.
+RESCORE_MARGIN = 16
 
 
 @dataclass(frozen=True)
@@ -106,9 +118,13 @@ class _ReadWriteLock:
 
 
 @dataclass(frozen=True)
-class _DbState:
-    """What one search needs to know about the database, read in one snapshot."""
+class CollectionState:
+    """What a search needs to know about the database, read in one snapshot after ``token``.
 
+    Still current while ``Database.change_token()`` returns ``token``.
+    """
+
+    token: int
     serving: str
     options: BackendOptions
     epoch: int
@@ -116,6 +132,13 @@ class _DbState:
     pruned_seq: int
     versions: dict[str, VersionInfo]
     relations: list[Relation]
+
+    def version(self, name: str) -> VersionInfo:
+        """The registered version ``name``. Raises UnknownNameError (with close names)."""
+        info = self.versions.get(name)
+        if info is None:
+            raise UnknownNameError(unknown_message("version", name, list(self.versions)))
+        return info
 
 
 class SearchCache:
@@ -134,6 +157,21 @@ class SearchCache:
         self._epoch: int | None = None
         self._options: BackendOptions | None = None
         self._last_seq = 0
+        self._state: CollectionState | None = None
+
+    def state(self) -> CollectionState:
+        """The collection's state as of now: the cached one while the change token holds, else
+        read afresh. Raises UnknownNameError when the collection no longer exists."""
+        token = self.store.change_token()  # before the read: a commit after it moves the token
+        known = self._state
+        if known is not None and known.token == token:
+            return known
+        with self.store.read() as con:
+            serving, options, epoch = require_collection(con, self.name)
+            state = CollectionState(token, serving, options, epoch, last_change(con, self.name),
+                                    pruned_seq(con), version_map(con), relations(con))
+        self._state = state
+        return state
 
     def search(
         self, queries: np.ndarray, query_version: str, k: int,
@@ -141,13 +179,14 @@ class SearchCache:
         """Top-k (score, item key, group) per query over every group, best first.
 
         Every write committed before the call is visible. Shapes: queries (nq, d) float32,
-        checked by the caller against ``query_version``.
+        checked by the caller against ``query_version``. Scores are exact cosines (float64
+        dot products of the normalised vectors); ties go to the smaller key.
 
         Raises:
             IncompatibleSpacesError: a non-empty group is in a space the query version cannot
                 reach through a declared relation (both versions named).
         """
-        state = self._db_state()
+        state = self.state()
         self._catch_up(state)
         per_query: list[list[tuple[float, int, GroupKey]]] = [[] for _ in range(len(queries))]
         with self._lock.read():
@@ -161,8 +200,9 @@ class SearchCache:
                     routes[version] = find_route(query_version, version, state.relations,
                                                  state.versions)
                     spaces[version] = self._to_space(queries, routes[version])
-                hits = group.search(spaces[version], min(k, len(group)))
-                scores = calibrated_scores(hits.scores, routes[version])
+                hits = group.search(spaces[version], min(k + RESCORE_MARGIN, len(group)))
+                scores = calibrated_scores(exact_scores(spaces[version], hits.keys, group),
+                                           routes[version])
                 for qi in range(len(queries)):
                     for score, key in zip(scores[qi].tolist(), hits.keys[qi].tolist(),
                                           strict=True):
@@ -177,17 +217,11 @@ class SearchCache:
 
     # ------------------------------------------------------------- keeping in step
 
-    def _db_state(self) -> _DbState:
-        with self.store.read() as con:
-            serving, options, epoch = require_collection(con, self.name)
-            return _DbState(serving, options, epoch, last_change(con, self.name),
-                            pruned_seq(con), version_map(con), relations(con))
-
-    def _stale(self, state: _DbState) -> bool:
+    def _stale(self, state: CollectionState) -> bool:
         return (state.epoch != self._epoch or state.options != self._options
                 or self._last_seq < state.last_seq or self._last_seq < state.pruned_seq)
 
-    def _catch_up(self, state: _DbState) -> None:
+    def _catch_up(self, state: CollectionState) -> None:
         """Bring the structures at least to ``state`` (no-op when they already are)."""
         if not self._stale(state):
             return
@@ -264,18 +298,49 @@ class SearchStore(Store, Protocol):
     def search_cache(self, name: str) -> SearchCache: ...
 
 
+def exact_scores(queries: np.ndarray, keys: np.ndarray, group: GroupIndex) -> np.ndarray:
+    """Cosine of each query with each candidate, in float64 one pair at a time (the same
+    value whatever else is in the batch); -inf where ``keys`` is -1.
+
+    Shapes: queries (nq, d) normalised, keys (nq, c) int64 -> (nq, c) float64.
+    """
+    out = np.full(keys.shape, -np.inf)
+    found = keys >= 0
+    if not found.any():
+        return out
+    rows = np.nonzero(found)[0]
+    vectors = group.vectors_of(keys[found]).astype(np.float64)
+    out[found] = (vectors * queries[rows].astype(np.float64)).sum(axis=1)
+    return out
+
+
 def fetch_hits(
     db: Database, rows: list[tuple[float, int, GroupKey]], *, with_metadata: bool = True,
 ) -> tuple[Hit, ...]:
     """Turn (score, key, group) rows into ``Hit``s; items deleted since the search are dropped."""
-    if not rows:
-        return ()
+    return fetch_hits_batch(db, [rows], with_metadata=[with_metadata])[0]
+
+
+def fetch_hits_batch(
+    db: Database, results: list[list[tuple[float, int, GroupKey]]], *,
+    with_metadata: list[bool],
+) -> list[tuple[Hit, ...]]:
+    """``fetch_hits`` for many results with one read of the items they name.
+
+    ``with_metadata[i]`` says whether result ``i``'s hits carry their decoded metadata.
+    """
+    keys = sorted({r[1] for rows in results for r in rows})
+    if not keys:
+        return [() for _ in results]
     with db.read() as con:
-        found = item_rows(con, [r[1] for r in rows])
-    hits = []
-    for score, key, (version, tf) in rows:
-        if key in found:
-            item_id, meta = found[key][0], found[key][3]
-            hits.append(Hit(item_id, float(score), version, tf,
-                            json.loads(meta) if with_metadata else {}))
-    return tuple(hits)
+        found = item_rows(con, keys)
+    out = []
+    for rows, meta_wanted in zip(results, with_metadata, strict=True):
+        hits = []
+        for score, key, (version, tf) in rows:
+            row = found.get(key)
+            if row is not None:
+                hits.append(Hit(row[0], float(score), version, tf,
+                                json.loads(row[3]) if meta_wanted else {}))
+        out.append(tuple(hits))
+    return out

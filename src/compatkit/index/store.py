@@ -17,6 +17,7 @@ import numpy as np
 
 from compatkit.errors import CompatkitError, UnknownNameError
 from compatkit.index.backends import check_options, open_backend
+from compatkit.index.batching import SearchBatcher
 from compatkit.index.collection import Collection
 from compatkit.index.db import (
     DB_NAME,
@@ -78,6 +79,7 @@ class IndexStore(Database):
         self._embedders: dict[str, Embedder] = dict(embedders or {})
         self._transforms: dict[str, ArtifactTransform] = {}
         self._caches: dict[str, SearchCache] = {}
+        self._batcher = SearchBatcher(self)
         for version, emb in self._embedders.items():
             if emb.version != version:
                 raise ValueError(f"embedder for {version!r} reports version {emb.version!r}")
@@ -346,9 +348,18 @@ class IndexStore(Database):
         return Collection(self, name)
 
     def collection(self, name: str) -> Collection:
-        """A handle on an existing collection. Raises UnknownNameError (with close names)."""
-        with self.read() as con:
-            require_collection(con, name)
+        """A handle on an existing collection. Raises UnknownNameError (with close names).
+
+        A collection this process searched is checked through its search cache's state (a
+        change-token read while nothing was committed), others with one SQLite read.
+        """
+        with self._lock:
+            cache = self._caches.get(name)
+        if cache is not None:
+            cache.state()
+        else:
+            with self.read() as con:
+                require_collection(con, name)
         return Collection(self, name)
 
     def collection_names(self) -> list[str]:
@@ -399,6 +410,10 @@ class IndexStore(Database):
             with self._lock:
                 tr = self._transforms.setdefault(relation.artifact, tr)
         return tr
+
+    def search_batcher(self) -> SearchBatcher:
+        """This process's batcher of concurrent searches (all collections)."""
+        return self._batcher
 
     def search_cache(self, name: str) -> SearchCache:
         """This process's search structures for collection ``name``."""
