@@ -8,18 +8,49 @@ from pathlib import Path
 import pytest
 import torch
 
-from compatkit.lab_demo import demo_config, run_lab_demo
+from compatkit.lab_demo import (
+    RECIPES,
+    STAGES,
+    demo_config,
+    run_lab_demo,
+    stage_tree,
+    write_configs,
+)
 from compatkit.train.config import load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("stage", ["old", "independent", "l2", "bct"])
 def test_shipped_recipes_equal_the_demo_stages(stage):
-    method = {"name": "independent" if stage == "old" else stage}
+    method = dict(STAGES[stage].method)
     demo = demo_config("synthetic", None, stage, method)
-    recipe = load_config(CONFIGS / f"{stage}.yaml")
-    assert recipe.model_dump(exclude={"old_model"}) == demo.model_dump(exclude={"old_model"})
+    recipe = load_config(CONFIGS / "synthetic" / f"{stage}.yaml")
+    assert recipe.name == f"synthetic-{stage}"
+    skip = {"old_model", "name"}
+    assert recipe.model_dump(exclude=skip) == demo.model_dump(exclude=skip)
+
+
+def test_configs_are_generated_from_the_recipes(tmp_path):
+    """configs/ is what ``python -m compatkit.lab_demo`` writes from RECIPES × STAGES."""
+    assert write_configs(CONFIGS, check=True) == []
+    written = write_configs(tmp_path)
+    assert len(written) == len(RECIPES) * len(STAGES)
+    assert write_configs(tmp_path, check=True) == []
+    path = tmp_path / "omniglot" / "bct.yaml"
+    path.write_text(path.read_text().replace("weight: 1.0", "weight: 2.0"))
+    assert write_configs(tmp_path, check=True) == [path]
+
+
+def test_stage_tree_wires_the_stages_it_builds_on():
+    tree = stage_tree("omniglot", "data/omniglot", "fct_side", runs={"old": "o", "simclr": "s"})
+    assert tree["old_model"] == "o"
+    assert tree["frozen_models"] == {"new": "runs/omniglot/independent/model", "side": "s"}
+    assert tree["optim"]["name"] == "adamw" and tree["data"]["side"] == "new"
+    fastfill = stage_tree("cifar10", None, "fastfill")
+    assert fastfill["method"]["mu_sim"] == float(fastfill["model"]["embed_dim"])
+    old = stage_tree("omniglot", None, "old")
+    assert old["data"]["side"] == "old" and "old_model" not in old
 
 
 def test_tiny_demo_writes_matrix_report_and_plots(tmp_path):
