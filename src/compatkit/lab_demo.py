@@ -8,6 +8,7 @@ a stage whose folder already holds a model trained with the same config is reuse
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -136,6 +137,60 @@ STAGES: dict[str, Stage] = {
 }
 
 
+# Demo budget for a dataset without a tuned recipe: keep at most BUDGET_IMAGES training-pool
+# images (the same cap per class, as large as fits) so that each new model sees at most
+# BUDGET_IMAGES × epochs images. The synthetic demo (old + 3 new models, ~290k images seen at
+# 32 px) takes under 7 minutes on 2 cores (RESULTS §1), so this fits the 10-minute goal.
+BUDGET_IMAGES = 8_000
+BUDGET_MIN_PER_CLASS = 2
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    """How the demo sizes its training: a cap per class (None: every image) and the epochs."""
+
+    pool_images: int
+    kept_images: int
+    train_per_class: int | None
+    epochs: int
+
+    def overrides(self) -> list[str]:
+        """``--set`` items that apply this budget (before the user's own)."""
+        cap = [] if self.train_per_class is None else [
+            f"data.train_per_class={self.train_per_class}"]
+        return [*cap, f"train.epochs={self.epochs}"]
+
+    def describe(self) -> str:
+        """One line for the report: what was subsampled, and how to train on everything."""
+        if self.train_per_class is None:
+            return f"Training data: all {self.pool_images} training-pool images, " \
+                   f"{self.epochs} epochs."
+        return (f"Training data: subsampled to at most {self.train_per_class} images per class "
+                f"({self.kept_images} of {self.pool_images} training-pool images), "
+                f"{self.epochs} epochs, to fit the 10-minute budget; `--full` trains on all.")
+
+
+def demo_budget(labels: np.ndarray, *, epochs: int, max_images: int = BUDGET_IMAGES,
+                min_per_class: int = BUDGET_MIN_PER_CLASS, full: bool = False) -> DemoBudget:
+    """Size a demo on a training pool with these labels: the largest cap per class (at least
+    ``min_per_class``) that keeps at most ``max_images`` images; when even the minimum keeps
+    more, the epochs shrink in proportion. ``full`` keeps everything."""
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    pool = int(counts.sum())
+    if full or pool <= max_images:
+        return DemoBudget(pool, pool, None, epochs)
+    cap, hi = min_per_class, int(counts.max())
+    while cap < hi:  # binary search for the largest cap that fits
+        mid = (cap + hi + 1) // 2
+        if np.minimum(counts, mid).sum() <= max_images:
+            cap = mid
+        else:
+            hi = mid - 1
+    kept = int(np.minimum(counts, cap).sum())
+    scaled = epochs if kept <= max_images else max(1, epochs * max_images // kept)
+    return DemoBudget(pool, kept, cap, scaled)
+
+
 @dataclass(frozen=True)
 class DemoResult:
     """Where the demo wrote its report and the compatibility matrix it measured."""
@@ -239,11 +294,16 @@ def write_configs(config_dir: str | Path, *, check: bool = False) -> list[Path]:
 def run_lab_demo(
     dataset: str = "synthetic", root: str | None = None, out_dir: str | Path = "runs/demo", *,
     methods: Sequence[str] = ("independent", "l2", "bct"), overrides: Sequence[str] = (),
-    progress: bool = True,
+    progress: bool = True, full: bool = False,
 ) -> DemoResult:
-    """Train old → new models per method, evaluate every (query, gallery) pair, write a report."""
+    """Train old → new models per method, evaluate every (query, gallery) pair, write a report.
+
+    A dataset without a tuned recipe is subsampled to the demo budget (``demo_budget``)
+    unless ``full``; ``overrides`` apply last."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
+    budget = plan_budget(dataset, root, overrides, full=full)
+    overrides = [*(budget.overrides() if budget else []), *overrides]
     progress_set = [f"train.progress={str(progress).lower()}"]
     stages: dict[str, Path] = {}
     timings: dict[str, float] = {}
@@ -271,6 +331,7 @@ def run_lab_demo(
     metrics["backfill"] = {name: {order: c.to_json() for order, c in by_order.items()}
                            for name, by_order in curves.items()}
     metrics["dataset"] = dataset
+    metrics["budget"] = dataclasses.asdict(budget) if budget else None
     metrics["test_images"] = len(test)
     metrics["test_classes"] = len(np.unique(test.labels))
     metrics["train_seconds"] = timings
@@ -279,6 +340,19 @@ def run_lab_demo(
     report = _write_report(out_dir, dataset, matrix.to_markdown(), metrics, stages, curves)
     _plot(out_dir, matrix, curves)
     return DemoResult(out_dir, report, metrics)
+
+
+def plan_budget(dataset: str, root: str | None, overrides: Sequence[str] = (), *,
+                full: bool = False) -> DemoBudget | None:
+    """The demo budget of ``dataset``, sized on the training pool of its recipe with
+    ``overrides`` applied; None for a tuned recipe or when ``overrides`` size the training
+    (``data.train_per_class`` or ``train.epochs``). ``full`` keeps every image."""
+    if dataset in RECIPES or any(o.startswith(("data.train_per_class", "train.epochs"))
+                                 for o in overrides):
+        return None
+    cfg = demo_config(dataset, root, "independent", {"name": "independent"}, overrides)
+    pool = evaluation_images(cfg.data, "train")
+    return demo_budget(pool.labels, epochs=cfg.train.epochs, max_images=BUDGET_IMAGES, full=full)
 
 
 def backfill_curves(
@@ -333,6 +407,9 @@ def _write_report(out_dir: Path, dataset: str, table: str, metrics: dict[str, An
         "",
         f"Test set: {metrics['test_images']} images of {metrics['test_classes']} classes "
         "never seen in training; every image queries all the others (leave-one-out).",
+        DemoBudget(**metrics["budget"]).describe() if metrics["budget"] else
+        f"Training data: the tuned {dataset} recipe (compatkit.lab_demo.RECIPES)."
+        if dataset in RECIPES else "Training data: sized by the --set overrides.",
         "Rows: the model that embeds the queries; columns: the model that embedded the gallery.",
         "",
         table,
