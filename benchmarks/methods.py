@@ -210,6 +210,7 @@ def evaluate_seed(runs: dict[str, Any], transforms: dict[str, tuple[str, Any]],
         row["backfill_auc_map"] = curve.auc["map"]["trapezoid"]
         row["backfill_mean_nfr"] = curve.regression["mean_nfr"]
         row["backfill_max_nfr"] = curve.regression["max_nfr"]
+        row["backfill_dip_map"] = curve.regression["map"]["min_minus_start"]
         rows.append(row)
     return {"old_old": old_old, "rows": rows, "test_images": len(labels),
             "test_classes": len(np.unique(labels)),
