@@ -146,7 +146,8 @@ def train_seed(stage: Any, seed: int, wanted: list[str], old: Any,
     not_applicable: dict[str, str] = {}
     with_old = {"old_model": str(old.artifact_dir)}
     for name in [m for m in BACKWARD if m in wanted]:
-        method = {"name": name, **METHOD_OVERRIDES.get(name, {})}
+        method = {**STAGES[name].method} if name in STAGES else {"name": name}
+        method.update(METHOD_OVERRIDES.get(name, {}))
         if method.get("refine_epochs") == "HALF":
             method["refine_epochs"] = [epochs // 2]
         try:

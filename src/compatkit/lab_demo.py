@@ -116,6 +116,12 @@ STAGES: dict[str, Stage] = {
     "bct": Stage({"name": "bct", "weight": 1.0}, "new",
                  "BiCT stage one: backward-compatible new model, L_cls + λ_b·L_bct "
                  "(λ_b = weight).", needs_old=True),
+    "contra": Stage({"name": "contra"}, "new", "Contrastive compatibility: L_cls + new-to-old "
+                    "InfoNCE (τ 0.01).", needs_old=True),
+    # τ 0.05 (not the loss's 0.01): on Omniglot against the strong old model it keeps the
+    # self-test at contra's with fewer flips (RESULTS "Results at strength")
+    "ract": Stage({"name": "ract", "temperature": 0.05, "weight": 1.0}, "new",
+                  "RACT: L_cls + InfoNCE over old and new negatives (τ 0.05).", needs_old=True),
     "simclr": Stage({"name": "simclr", "temperature": 0.1, "proj_dim": 128, "proj_hidden": 512},
                     "old", "Side-information model ψ: SimCLR (NT-Xent, τ 0.1) on the old "
                     "model's images only."),
