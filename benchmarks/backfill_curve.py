@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--query-block", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs; best kept")
+    p.add_argument("--device", default="cpu", help="where the features live (cpu, cuda)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -54,6 +55,9 @@ def main() -> None:
 
     old_g, new_g = embed(gl, 2.0), embed(gl, 1.6)
     old_q, new_q = embed(ql, 2.0), embed(ql, 1.6)
+    dev = torch.device(args.device)
+    old_g, new_g, old_q, new_q, gl, ql = (torch.from_numpy(a).to(dev)
+                                          for a in (old_g, new_g, old_q, new_q, gl, ql))
     order = backfill_order("random", args.ng, seed=args.seed)
     metrics = ("map", "cmc@1", "cmc@5")
     common = {"chunk_size": args.chunk_size, "query_block": args.query_block}
@@ -94,7 +98,7 @@ def main() -> None:
             "threads / chunk / query block",
             f"{args.threads} / {args.chunk_size} / {args.query_block}",
         ),
-        ("repeats (best kept)", str(args.repeats)),
+        ("repeats (best kept) / device", f"{args.repeats} / {args.device}"),
         ("one full evaluation (new/new), wall / CPU (s)", f"{ev_wall:.2f} / {ev_cpu:.2f}"),
         ("cross-test evaluation (new/old), wall / CPU (s)", f"{cr_wall:.2f} / {cr_cpu:.2f}"),
         ("old/old top-1 reference alone, wall / CPU (s)", f"{ref_wall:.2f} / {ref_cpu:.2f}"),

@@ -5,21 +5,56 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from compatkit.lab_demo import demo_config, run_lab_demo
+from compatkit.lab_demo import (
+    RECIPES,
+    STAGES,
+    DemoBudget,
+    demo_budget,
+    demo_config,
+    plan_budget,
+    run_lab_demo,
+    stage_tree,
+    write_configs,
+)
 from compatkit.train.config import load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("stage", ["old", "independent", "l2", "bct"])
 def test_shipped_recipes_equal_the_demo_stages(stage):
-    method = {"name": "independent" if stage == "old" else stage}
+    method = dict(STAGES[stage].method)
     demo = demo_config("synthetic", None, stage, method)
-    recipe = load_config(CONFIGS / f"{stage}.yaml")
-    assert recipe.model_dump(exclude={"old_model"}) == demo.model_dump(exclude={"old_model"})
+    recipe = load_config(CONFIGS / "synthetic" / f"{stage}.yaml")
+    assert recipe.name == f"synthetic-{stage}"
+    skip = {"old_model", "name"}
+    assert recipe.model_dump(exclude=skip) == demo.model_dump(exclude=skip)
+
+
+def test_configs_are_generated_from_the_recipes(tmp_path):
+    """configs/ is what ``python -m compatkit.lab_demo`` writes from RECIPES × STAGES."""
+    assert write_configs(CONFIGS, check=True) == []
+    written = write_configs(tmp_path)
+    assert len(written) == len(RECIPES) * len(STAGES)
+    assert write_configs(tmp_path, check=True) == []
+    path = tmp_path / "omniglot" / "bct.yaml"
+    path.write_text(path.read_text().replace("weight: 1.0", "weight: 2.0"))
+    assert write_configs(tmp_path, check=True) == [path]
+
+
+def test_stage_tree_wires_the_stages_it_builds_on():
+    tree = stage_tree("omniglot", "data/omniglot", "fct_side", runs={"old": "o", "simclr": "s"})
+    assert tree["old_model"] == "o"
+    assert tree["frozen_models"] == {"new": "runs/omniglot/independent/model", "side": "s"}
+    assert tree["optim"]["name"] == "adamw" and tree["data"]["side"] == "new"
+    fastfill = stage_tree("cifar10", None, "fastfill")
+    assert fastfill["method"]["mu_sim"] == float(fastfill["model"]["embed_dim"])
+    old = stage_tree("omniglot", None, "old")
+    assert old["data"]["side"] == "old" and "old_model" not in old
 
 
 def test_tiny_demo_writes_matrix_report_and_plots(tmp_path):
@@ -51,3 +86,36 @@ def test_tiny_demo_writes_matrix_report_and_plots(tmp_path):
         "train.epochs=1", "data.options={num_classes: 200, images_per_class: 6}",
         "data.image_size=16", "model.width=0.125", "train.batch_size=64"])
     assert set(again.metrics["train_seconds"].values()) == {0.0}
+
+
+def test_demo_budget_sizing_rule():
+    ten = np.repeat(np.arange(10), 6000)  # a 60,000-image dataset of 10 classes
+    b = demo_budget(ten, epochs=10)
+    assert (b.pool_images, b.train_per_class, b.kept_images, b.epochs) == (60000, 800, 8000, 10)
+    assert b.overrides() == ["data.train_per_class=800", "train.epochs=10"]
+    assert "800 images per class" in b.describe() and "--full" in b.describe()
+    full = demo_budget(ten, epochs=10, full=True)
+    assert (full.train_per_class, full.kept_images, full.epochs) == (None, 60000, 10)
+    assert full.overrides() == ["train.epochs=10"]
+    # unequal classes: the largest common cap that fits, 100 + 2·450 = 1000
+    uneven = np.repeat([0, 1, 2], [100, 5000, 5000])
+    assert demo_budget(uneven, epochs=10, max_images=1000).train_per_class == 450
+    # a small dataset is kept whole
+    small = demo_budget(np.repeat(np.arange(5), 10), epochs=10)
+    assert (small.train_per_class, small.kept_images) == (None, 50)
+    # 5,000 classes × 4: even 2 per class keeps 10,000 > 8,000, so the epochs shrink
+    many = demo_budget(np.repeat(np.arange(5000), 4), epochs=10)
+    assert (many.train_per_class, many.kept_images, many.epochs) == (2, 10000, 8)
+
+
+def test_demo_budget_applies_to_datasets_without_a_recipe(monkeypatch):
+    tiny = ["data.options={num_classes: 100, images_per_class: 40}"]
+    assert plan_budget("synthetic", None, tiny) is None  # tuned recipe: no budget
+    monkeypatch.delitem(RECIPES, "synthetic")
+    budget = plan_budget("synthetic", None, tiny)  # 70 training classes × 40 = 2,800 images
+    assert budget == DemoBudget(2800, 2800, None, 10)
+    monkeypatch.setattr("compatkit.lab_demo.BUDGET_IMAGES", 1400)
+    budget = plan_budget("synthetic", None, tiny)
+    assert (budget.train_per_class, budget.kept_images) == (20, 1400)
+    assert plan_budget("synthetic", None, tiny, full=True).train_per_class is None
+    assert plan_budget("synthetic", None, [*tiny, "train.epochs=2"]) is None  # the user sizes it

@@ -303,12 +303,15 @@ def demo(
     out: Annotated[Path, typer.Option(help="run folder")] = Path("runs/demo"),
     set_: SetOpt = [],  # noqa: B006
     progress: Annotated[bool, typer.Option(help="show training progress bars")] = True,
+    full: Annotated[bool, typer.Option(
+        "--full", help="train on every image (a dataset without a tuned recipe is otherwise "
+                       "subsampled to finish within about 10 minutes on 2 cores)")] = False,
 ) -> None:
     """Lab demo: train an old model and new models (independent, l2, bct) and print the
     compatibility matrix; writes report.md, metrics.json and plots into the run folder."""
     from compatkit.lab_demo import run_lab_demo
 
-    result = run_lab_demo(dataset, root, out, overrides=set_, progress=progress)
+    result = run_lab_demo(dataset, root, out, overrides=set_, progress=progress, full=full)
     typer.echo(result.report.read_text())
     typer.echo(f"report: {result.report}")
 

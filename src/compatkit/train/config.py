@@ -42,6 +42,11 @@ class DataConfig(StrictModel):
     )
     crop_padding: int = Field(4, ge=0)
     flip: bool = True
+    affine_rotation: float = Field(0.0, ge=0.0, le=180.0,
+                                   description="random rotation of ± this many degrees")
+    affine_scale: float = Field(0.0, ge=0.0, lt=1.0,
+                                description="random scaling by a factor in 1 ± this")
+    affine_shift: float = Field(0.0, ge=0.0, description="random shift of ± this many pixels")
 
 
 class ModelConfig(StrictModel):

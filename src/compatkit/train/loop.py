@@ -104,7 +104,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> RunRe
             yield x, labels[idx_t].to(rt.device)
 
     augment = Augmenter(spec.mean, spec.std, crop_padding=cfg.data.crop_padding,
-                        flip=cfg.data.flip)
+                        flip=cfg.data.flip, affine_rotation=cfg.data.affine_rotation,
+                        affine_scale=cfg.data.affine_scale, affine_shift=cfg.data.affine_shift)
     generator = torch.Generator(device=rt.device).manual_seed(cfg.train.seed * 1009 + rt.rank)
     ctx = MethodContext(
         model=module, forward=wrapped, old_model=old_model, old_manifest=old_manifest,
