@@ -1,20 +1,20 @@
 """The mixed gallery behind a query adapter: accuracy along the backfill, with and without
 score calibration (issue 13 point 3; docs/adapter-serving.md).
 
-Two independently trained Omniglot models (the lab's recipe: ``old`` on the old classes,
-``new`` on all of them) stand for a model upgrade whose spaces do not meet. A linear
-least-squares map new -> old, fitted here on the training pool's paired features, is the query
-adapter; score calibrations are fitted on the same pairs. The test set (leave-one-out) is then
-backfilled in a random order: backfilled items answer new queries directly, the others through
-the adapter, merged into one top-k exactly as the index merges them
-(``compatkit.eval.bridged.bridged_backfill_curve``). Rows: no adapter (new queries scored
-against old vectors as they are), the adapter without calibration, with mean/std matching of
-all the sample's scores, with a least-squares regression of the direct scores on the adapted
-ones, and with mean/std matching of each sample query's top 10 % scores (what the index fits
-and stores, ``compatkit.score_calibration``); then the same for an FCT-style MLP adapter
-trained here on the pairs. Last, the serving path itself: the MLP adapter is registered in an
-``IndexStore`` with its calibration, and the index's live top-1 over collections frozen at
-some backfill fractions is printed next to the bridged curve's (they must be equal).
+Two independently trained Omniglot models (the lab's recipe: ``old`` on the old classes, ``new`` on
+all of them) stand for a model upgrade whose spaces do not meet. The query adapter new -> old is
+fitted by ``compatkit.adapters`` (kind ``linear``, then kind ``mlp``) on the training pool's paired
+features; score calibrations are fitted on the same pairs. The test set (leave-one-out) is then
+backfilled in a random order: backfilled items answer new queries directly, the others through the
+adapter, merged into one top-k exactly as the index merges them
+(``compatkit.eval.bridged.bridged_backfill_curve``). Rows: no adapter (new queries scored against
+old vectors as they are), the adapter without calibration, with mean/std matching of all the
+sample's scores, with a least-squares regression of the direct scores on the adapted ones, and with
+mean/std matching of each sample query's top 10 % scores (what the index fits and stores,
+``compatkit.score_calibration``); then the same for the ``mlp`` adapter (the FCT transformation's
+architecture). Last, the serving path itself: the MLP adapter is registered in an ``IndexStore``
+with its calibration, and the index's live top-1 over collections frozen at some backfill fractions
+is printed next to the bridged curve's (they must be equal).
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/adapter_backfill.py \\
         --root ../shared/data/omniglot --out runs/adapter_backfill/omniglot
@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from compatkit.adapters import FitOptions, FittedAdapter, fit_adapter, save_adapter
 from compatkit.eval import backfill_curve, retrieval_metrics
 from compatkit.eval.bridged import bridged_backfill_curve
 from compatkit.feature_upgrade import apply_transformation
@@ -49,12 +50,6 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def fit_linear(new: np.ndarray, old: np.ndarray, ridge: float) -> np.ndarray:
-    """W minimising ‖new·W − old‖² + ridge·‖W‖² (closed form), the query adapter new -> old."""
-    gram = new.T @ new + ridge * np.eye(new.shape[1])
-    return np.linalg.solve(gram, new.T @ old).astype(np.float32)
-
-
 def regression_calibration(mapped: np.ndarray, target: np.ndarray,
                            source: np.ndarray) -> ScoreCalibration:
     """Least squares of the direct scores s_i·s_j on the adapted ones m_i·t_j (i ≠ j)."""
@@ -65,25 +60,13 @@ def regression_calibration(mapped: np.ndarray, target: np.ndarray,
     return ScoreCalibration(float(slope), float(intercept), len(mapped))
 
 
-def fit_mlp(pairs_new: np.ndarray, pairs_old: np.ndarray) -> torch.nn.Module:
-    """An FCT-style MLP query adapter new -> old: 300 Adam steps of squared error."""
-    from compatkit.models import create_transformation
-
-    torch.manual_seed(0)
-    module = create_transformation(d_old=pairs_new.shape[1], d_new=pairs_old.shape[1],
-                                   inner=256)
-    optim = torch.optim.Adam(module.parameters(), 1e-3)
-    x, y = torch.from_numpy(pairs_new), torch.from_numpy(pairs_old)
-    for _ in range(300):
-        idx = torch.randint(0, len(x), (256,))
-        loss = ((module(x[idx]).embedding - y[idx]) ** 2).sum(1).mean()
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-    return module.eval()
+def fit_query_adapter(kind: str, pairs_new: np.ndarray, pairs_old: np.ndarray,
+                      ridge: float) -> FittedAdapter:
+    """The query adapter new -> old of ``kind``, fitted by ``compatkit.adapters`` on the pairs."""
+    return fit_adapter(pairs_old, pairs_new, kind, "new-to-old", options=FitOptions(ridge=ridge))
 
 
-def index_check(work: Path, module: torch.nn.Module, pairs_new: np.ndarray,
+def index_check(work: Path, fitted: FittedAdapter, pairs_new: np.ndarray,
                 pairs_old: np.ndarray, test_new: np.ndarray, test_old: np.ndarray,
                 labels: np.ndarray, order: np.ndarray) -> list[tuple[float, float, float]]:
     """The serving path on the same features: the MLP adapter saved as a transformation
@@ -92,15 +75,11 @@ def index_check(work: Path, module: torch.nn.Module, pairs_new: np.ndarray,
     curve's cmc@1) rows; the two must be equal."""
     import shutil
 
-    from compatkit.artifacts import Manifest, save_module
     from compatkit.index import IndexStore, ItemInput
     from compatkit.ordering import backfill_count
 
     shutil.rmtree(work, ignore_errors=True)
-    adapter = save_module(work / "adapter", module, Manifest(
-        kind="transformation", model_version="adapter-new-old", spec=module.spec,
-        embed_dim=pairs_old.shape[1], normalized=False, transforms_from="new",
-        transforms_to="old"))
+    adapter = save_adapter(fitted, work / "adapter")
     store = IndexStore(work / "store", synchronous="NORMAL")
     store.register_version("old", dim=test_old.shape[1])
     store.register_version("new", dim=test_new.shape[1])
@@ -155,8 +134,8 @@ def main() -> None:
     pairs_old, pairs_new = features("old", train.images[pick]), features("new", train.images[pick])
     test_old, test_new = features("old", test.images), features("new", test.images)
     labels = test.labels
-    weights = fit_linear(pairs_new, pairs_old, args.ridge)
-    mapped = pairs_new @ weights
+    linear = fit_query_adapter("linear", pairs_new, pairs_old, args.ridge)
+    mapped = apply_transformation(linear.module, pairs_new)
     calibrations: dict[str, ScoreCalibration | None] = {
         "adapter, no calibration": None,
         "adapter + mean/std, all scores": fit_score_calibration(mapped, pairs_old, pairs_new,
@@ -166,10 +145,10 @@ def main() -> None:
         "adapter + mean/std, top 10 % (index default)": fit_score_calibration(
             mapped, pairs_old, pairs_new),
     }
-    adapted = test_new @ weights
-    mlp = fit_mlp(pairs_new, pairs_old)
-    mlp_mapped = apply_transformation(mlp, pairs_new)
-    mlp_adapted = apply_transformation(mlp, test_new)
+    adapted = apply_transformation(linear.module, test_new)
+    mlp = fit_query_adapter("mlp", pairs_new, pairs_old, args.ridge)
+    mlp_mapped = apply_transformation(mlp.module, pairs_new)
+    mlp_adapted = apply_transformation(mlp.module, test_new)
     mlp_calibrations: dict[str, ScoreCalibration | None] = {
         "MLP adapter, no calibration": None,
         "MLP adapter + mean/std, all scores": fit_score_calibration(

@@ -14,13 +14,15 @@ Their outputs are ``TransformOutput`` without a σ head.
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from compatkit.models.transformation import TRANSFORMATIONS, Transformation, TransformOutput
+from compatkit.models.transformation import (
+    TRANSFORMATIONS,
+    EmbeddingMap,
+    Transformation,
+    TransformOutput,
+)
 
 
 def _check_input(x: Tensor, d_in: int, side: Tensor | None, d_side: int | None) -> None:
@@ -30,7 +32,7 @@ def _check_input(x: Tensor, d_in: int, side: Tensor | None, d_side: int | None) 
         raise ValueError("side-information given but this map takes none (d_side=None)")
 
 
-class AffineMap(nn.Module):
+class AffineMap(EmbeddingMap):
     """y = x·W + b between two embedding spaces, W of full rank or factored at rank ``rank``.
 
     Args:
@@ -52,6 +54,8 @@ class AffineMap(nn.Module):
             raise ValueError(f"rank must be in [1, min(d_old, d_new) = {min(d_old, d_new)}], "
                              f"got {rank}")
         self.d_old, self.d_new, self.rank = d_old, d_new, rank
+        self._spec = {"architecture": self.ARCHITECTURE, "d_old": d_old, "d_new": d_new,
+                      "rank": rank}
         self.d_side: int | None = None
         self.sigma_dim = 0
         self.sigma_head: nn.Module | None = None
@@ -61,22 +65,6 @@ class AffineMap(nn.Module):
             self.down = nn.Parameter(torch.zeros(d_old, rank))
             self.up = nn.Parameter(torch.zeros(rank, d_new))
         self.bias = nn.Parameter(torch.zeros(d_new))
-
-    @property
-    def d_in(self) -> int:
-        """The input embedding dimension."""
-        return self.d_old
-
-    @property
-    def d_out(self) -> int:
-        """The output embedding dimension."""
-        return self.d_new
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        """Constructor keywords plus the architecture name; ``create_transformation(**spec)``."""
-        return {"architecture": self.ARCHITECTURE, "d_old": self.d_old, "d_new": self.d_new,
-                "rank": self.rank}
 
     def matrix(self) -> Tensor:
         """W as one (d_old, d_new) matrix (the product U·V for a low-rank map)."""
@@ -107,7 +95,7 @@ class AffineMap(nn.Module):
         return TransformOutput(embedding=out, log_sigma=None)
 
 
-class ResidualTransformation(nn.Module):
+class ResidualTransformation(EmbeddingMap):
     """An affine skip plus FCT's MLP: h(x, s) = x·W + b + MLP(x, s).
 
     The MLP is ``Transformation(d_old, d_new, d_side=d_side, inner=inner)``; its last linear
@@ -133,21 +121,6 @@ class ResidualTransformation(nn.Module):
         self.sigma_head: nn.Module | None = None
         self._spec = {"architecture": self.ARCHITECTURE, "d_old": d_old, "d_new": d_new,
                       "d_side": d_side, "inner": inner}
-
-    @property
-    def d_in(self) -> int:
-        """The input embedding dimension."""
-        return self.d_old
-
-    @property
-    def d_out(self) -> int:
-        """The output embedding dimension."""
-        return self.d_new
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        """Constructor keywords plus the architecture name; ``create_transformation(**spec)``."""
-        return copy.deepcopy(self._spec)
 
     def forward(self, old: Tensor, side: Tensor | None = None) -> TransformOutput:
         _check_input(old, self.d_old, side, self.d_side)

@@ -49,7 +49,32 @@ def _block(in_dim: int, out_dim: int) -> list[nn.Module]:
     return [nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True)]
 
 
-class Transformation(nn.Module):
+class EmbeddingMap(nn.Module):
+    """What every transformation between embedding spaces exposes: its dimensions and the
+    spec it is rebuilt from (``create_transformation(**spec)``). Subclasses set ``d_old``,
+    ``d_new`` and ``_spec``."""
+
+    d_old: int
+    d_new: int
+    _spec: dict[str, Any]
+
+    @property
+    def d_in(self) -> int:
+        """The input (old) embedding dimension."""
+        return self.d_old
+
+    @property
+    def d_out(self) -> int:
+        """The output (new) embedding dimension."""
+        return self.d_new
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """Constructor keywords (defaults resolved); ``create_transformation(**spec)``."""
+        return copy.deepcopy(self._spec)
+
+
+class Transformation(EmbeddingMap):
     """FCT's MLP from old embeddings (plus optional side-information) to the new space.
 
     Args:
@@ -114,21 +139,6 @@ class Transformation(nn.Module):
             nn.Linear(inner, d_new, bias=True),
         )
         self.sigma_head = nn.Linear(d_new, sigma_dim) if sigma_dim > 0 else None
-
-    @property
-    def d_in(self) -> int:
-        """The input (old) embedding dimension."""
-        return self.d_old
-
-    @property
-    def d_out(self) -> int:
-        """The output (new) embedding dimension."""
-        return self.d_new
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        """Constructor keywords (defaults resolved); ``create_transformation(**spec)``."""
-        return copy.deepcopy(self._spec)
 
     def forward(self, old: Tensor, side: Tensor | None = None) -> TransformOutput:
         self._check(old, side)
