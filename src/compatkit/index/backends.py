@@ -38,12 +38,6 @@ from compatkit.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-#: FAISS scores a flat search of at least this many queries with one matrix product (one pass
-#: over the vectors). Its default, 20, scores smaller batches query by query, a full pass each,
-#: which made batches of 2-19 concurrent searches cost as much as searching them one by one.
-FLAT_BLAS_MIN_QUERIES = 2
-faiss.cvar.distance_compute_blas_threshold = FLAT_BLAS_MIN_QUERIES
-
 #: IVF k-means sees at most this many (seeded, sampled) training points per list.
 IVF_TRAIN_PER_LIST = 64
 _IVF_SAMPLE_SEED = 0
