@@ -35,6 +35,7 @@ from compatkit.adapters import FitOptions, FittedAdapter, fit_adapter, save_adap
 from compatkit.eval import backfill_curve, retrieval_metrics
 from compatkit.eval.bridged import bridged_backfill_curve
 from compatkit.feature_upgrade import apply_transformation
+from compatkit.index.vectors import l2_normalize
 from compatkit.inference import embed_images
 from compatkit.ordering import backfill_order
 from compatkit.score_calibration import ScoreCalibration, fit_score_calibration
@@ -46,16 +47,12 @@ FRACTIONS = [i / 10 for i in range(11)]
 INDEX_FRACTIONS = [0.0, 0.3, 0.7, 1.0]
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def regression_calibration(mapped: np.ndarray, target: np.ndarray,
                            source: np.ndarray) -> ScoreCalibration:
     """Least squares of the direct scores s_i·s_j on the adapted ones m_i·t_j (i ≠ j)."""
     off = ~np.eye(len(mapped), dtype=bool)
-    adapted = (unit(mapped) @ unit(target).T)[off]
-    direct = (unit(source) @ unit(source).T)[off]
+    adapted = (l2_normalize(mapped) @ l2_normalize(target).T)[off]
+    direct = (l2_normalize(source) @ l2_normalize(source).T)[off]
     slope, intercept = np.polyfit(adapted.astype(np.float64), direct.astype(np.float64), 1)
     return ScoreCalibration(float(slope), float(intercept), len(mapped))
 

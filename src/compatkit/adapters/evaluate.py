@@ -27,7 +27,7 @@ from compatkit.adapters.fit import as_vectors, check_direction, fit_adapter
 from compatkit.adapters.io import Vectors, check_pairs
 from compatkit.adapters.kinds import FitOptions, NotEnoughPairsError
 from compatkit.errors import CompatkitError
-from compatkit.eval import flip_rates, knn, retrieval_metrics, top_k_correct
+from compatkit.eval import flip_rates, knn, retrieval_metrics, top_k_correct, update_gain
 from compatkit.feature_upgrade import apply_transformation
 
 DEFAULT_METRICS: tuple[str, ...] = ("map", "cmc@1")
@@ -35,9 +35,11 @@ DEFAULT_BUDGETS: tuple[int, ...] = (100, 1_000, 10_000)
 
 
 def retained_fraction(adapted: float, old_old: float, new_new: float) -> float | None:
-    """(adapted − old/old) / (new/new − old/old); None when the upgrade gains nothing."""
-    gain = new_new - old_old
-    return None if gain == 0 else (adapted - old_old) / gain
+    """(adapted − old/old) / (new/new − old/old), ``compatkit.eval.update_gain`` with new/new
+    as the paragon; None when the upgrade gains nothing."""
+    if new_new == old_old:
+        return None
+    return update_gain(old_old, adapted, new_new)
 
 
 def neighbour_overlap(query_a: np.ndarray, gallery_a: np.ndarray, query_b: np.ndarray,
