@@ -238,12 +238,15 @@ class Load:
 
 def faiss_direct(vectors: np.ndarray, queries: np.ndarray, seconds: float) -> tuple:
     """The exact top-k through one ``IndexFlatIP``, one query per call, one thread; and a
-    function measuring the same index at a concurrency through the service's batching."""
+    function measuring the same index at a concurrency through the service's batching (and
+    the index's switch to one matrix product from ``FLAT_BLAS_MIN_QUERIES`` queries)."""
     import faiss
 
+    from compatkit.index.backends import FLAT_BLAS_MIN_QUERIES
     from compatkit.index.batching import Gatherer
     from compatkit.index.vectors import l2_normalize
 
+    faiss.cvar.distance_compute_blas_threshold = FLAT_BLAS_MIN_QUERIES * DIM
     index = faiss.IndexFlatIP(DIM)
     index.add(l2_normalize(vectors))
     qs = l2_normalize(queries)

@@ -93,3 +93,21 @@ def test_missing_and_mismatched_files(tmp_path: Path) -> None:
     (tmp_path / "corrupt" / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8bnot gzip")
     with pytest.raises(DataRootError, match="cannot read"):
         load_dataset("mnist", tmp_path / "corrupt")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_write_idx_matches_the_format_and_round_trips(tmp_path: Path, gz: bool) -> None:
+    from compatkit.data.idx import write_idx
+
+    arr = np.random.default_rng(1).integers(0, 256, (4, 3, 5), dtype=np.uint8)
+    path = write_idx(tmp_path / ("a.gz" if gz else "a"), arr)
+    raw = gzip.decompress(path.read_bytes()) if gz else path.read_bytes()
+    assert raw == _idx_bytes(arr)
+    np.testing.assert_array_equal(read_idx(path), arr)
+
+
+def test_write_idx_refuses_other_dtypes(tmp_path: Path) -> None:
+    from compatkit.data.idx import write_idx
+
+    with pytest.raises(ValueError, match="uint8"):
+        write_idx(tmp_path / "a", np.zeros((2, 2), dtype=np.float32))

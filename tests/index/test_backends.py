@@ -21,6 +21,23 @@ def test_flat_group_equals_brute_force_with_item_keys():
     np.testing.assert_array_equal(hits.keys, ref_k)
 
 
+def test_flat_batches_on_both_sides_of_the_blas_switch_equal_brute_force():
+    import faiss
+
+    from compatkit.index.backends import FLAT_BLAS_MIN_QUERIES
+
+    x, q = unit_vectors(2000, 32), unit_vectors(2 * FLAT_BLAS_MIN_QUERIES, 32, seed=3)
+    keys = np.arange(2000, dtype=np.int64)
+    g = VectorGroup(32)
+    g.add(keys, x)
+    ref_s, ref_k = brute_top_k(x, keys, q, 10)
+    for nq in (1, FLAT_BLAS_MIN_QUERIES - 1, FLAT_BLAS_MIN_QUERIES, 2 * FLAT_BLAS_MIN_QUERIES):
+        hits = g.search(q[:nq], 10)  # query by query below the switch, one product from it
+        np.testing.assert_allclose(hits.scores, ref_s[:nq], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(hits.keys, ref_k[:nq])
+    assert faiss.cvar.distance_compute_blas_threshold == FLAT_BLAS_MIN_QUERIES * 32
+
+
 def test_hand_computed_scores_and_padding():
     g = VectorGroup(2)
     g.add(np.array([7, 9]), np.array([[1.0, 0.0], [0.6, 0.8]], dtype=np.float32))

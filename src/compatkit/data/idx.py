@@ -57,6 +57,20 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """Write ``array`` (unsigned bytes, any shape) as one IDX file, gzip-compressed when the
+    name ends in .gz; the inverse of :func:`read_idx`."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or not 1 <= array.ndim <= 255:
+        raise ValueError(f"IDX holds uint8 arrays of 1 to 255 dimensions, got dtype "
+                         f"{array.dtype} with {array.ndim} dimensions")
+    header = bytes([0, 0, _UBYTE, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    data = header + np.ascontiguousarray(array).tobytes()
+    path = Path(path)
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
 def _find_idx(root: Path | None, dataset: str, subfolder: str) -> dict[str, Path]:
     expected = ", ".join(f"{f}[.gz]" for f in IDX_FILES.values())
     if root is None:
