@@ -47,10 +47,10 @@ def write_idx_from_cifar10(cifar10_root: str, out: Path) -> Path:
     return out
 
 
-def run_demo(dataset: str, root: str | None, out: Path, extra: list[str]) -> dict[str, Any]:
+def run_demo(dataset: str, root: str | None, out: Path) -> dict[str, Any]:
     """Run ``compatkit demo`` in a subprocess; its wall time and the cells of its ordering."""
     cmd = [sys.executable, "-m", "compatkit", "demo", "--dataset", dataset, "--out", str(out),
-           "--no-progress", *extra]
+           "--no-progress"]
     if root is not None:
         cmd += ["--root", root]
     print("$ " + " ".join(cmd), flush=True)
@@ -90,11 +90,11 @@ def main() -> None:
                 raise SystemExit("dataset idx needs --idx-root or --idx-from-cifar10")
             root = args.idx_root or str(write_idx_from_cifar10(args.cifar10_root,
                                                                args.out / "idx_from_cifar10"))
-            row = run_demo(args.idx_name, root, args.out / "idx", [])
+            row = run_demo(args.idx_name, root, args.out / "idx")
             row["dataset"] = f"{args.idx_name} (IDX" + (
                 ", CIFAR-10 in grayscale)" if args.idx_root is None else ")")
         elif name in roots:
-            row = run_demo(name, roots[name], args.out / name, [])
+            row = run_demo(name, roots[name], args.out / name)
         else:
             raise SystemExit(f"unknown dataset {name!r}; expected synthetic, omniglot, cifar10 "
                              "or idx")

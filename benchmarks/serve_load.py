@@ -242,11 +242,11 @@ def faiss_direct(vectors: np.ndarray, queries: np.ndarray, seconds: float) -> tu
     the index's switch to one matrix product from ``FLAT_BLAS_MIN_QUERIES`` queries)."""
     import faiss
 
-    from compatkit.index.backends import FLAT_BLAS_MIN_QUERIES
+    from compatkit.index.backends import flat_blas_threshold
     from compatkit.index.batching import Gatherer
     from compatkit.index.vectors import l2_normalize
 
-    faiss.cvar.distance_compute_blas_threshold = FLAT_BLAS_MIN_QUERIES * DIM
+    faiss.cvar.distance_compute_blas_threshold = flat_blas_threshold(DIM)
     index = faiss.IndexFlatIP(DIM)
     index.add(l2_normalize(vectors))
     qs = l2_normalize(queries)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from compatkit.data import load_dataset
-from compatkit.data.idx import FASHION_MNIST_CLASSES, read_idx
+from compatkit.data.idx import FASHION_MNIST_CLASSES, read_idx, write_idx
 from compatkit.errors import DataRootError
 
 
@@ -97,8 +97,6 @@ def test_missing_and_mismatched_files(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_write_idx_matches_the_format_and_round_trips(tmp_path: Path, gz: bool) -> None:
-    from compatkit.data.idx import write_idx
-
     arr = np.random.default_rng(1).integers(0, 256, (4, 3, 5), dtype=np.uint8)
     path = write_idx(tmp_path / ("a.gz" if gz else "a"), arr)
     raw = gzip.decompress(path.read_bytes()) if gz else path.read_bytes()
@@ -107,7 +105,5 @@ def test_write_idx_matches_the_format_and_round_trips(tmp_path: Path, gz: bool) 
 
 
 def test_write_idx_refuses_other_dtypes(tmp_path: Path) -> None:
-    from compatkit.data.idx import write_idx
-
     with pytest.raises(ValueError, match="uint8"):
         write_idx(tmp_path / "a", np.zeros((2, 2), dtype=np.float32))

@@ -35,7 +35,7 @@ def test_flat_batches_on_both_sides_of_the_blas_switch_equal_brute_force():
         hits = g.search(q[:nq], 10)  # query by query below the switch, one product from it
         np.testing.assert_allclose(hits.scores, ref_s[:nq], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(hits.keys, ref_k[:nq])
-    assert faiss.cvar.distance_compute_blas_threshold == FLAT_BLAS_MIN_QUERIES * 32
+    assert faiss.cvar.distance_compute_blas_threshold == FLAT_BLAS_MIN_QUERIES * 32  # 8 x d
 
 
 def test_hand_computed_scores_and_padding():

@@ -101,7 +101,7 @@ def test_a_batch_of_queries_equals_each_query_alone(store, two_collections):
     queries = np.random.default_rng(2).standard_normal((64, DIM)).astype(np.float32)
     for coll in (c1, c2):
         cache = store.search_cache(coll.name)
-        together = cache.search(queries, "vB", 10)  # 64 rows in one FAISS call
+        together = cache.search(queries, "vB", 10)  # 64 rows: one matrix product; alone: a scan
         assert together == [cache.search(queries[i:i + 1], "vB", 10)[0] for i in range(64)]
         batch = coll.search_batch(queries, version="vB", k=10)
         assert [_answer(r) for r in batch] == [_answer(coll.search(q, version="vB", k=10))

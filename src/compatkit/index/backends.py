@@ -46,6 +46,12 @@ logger = logging.getLogger(__name__)
 FLAT_BLAS_MIN_QUERIES = 8
 _FAISS_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold
 
+
+def flat_blas_threshold(dim: int) -> int:
+    """FAISS's ``distance_compute_blas_threshold`` for flat searches of dimension ``dim``:
+    FAISS takes its BLAS path when queries x dimension reaches it."""
+    return FLAT_BLAS_MIN_QUERIES * dim
+
 #: IVF k-means sees at most this many (seeded, sampled) training points per list.
 IVF_TRAIN_PER_LIST = 64
 _IVF_SAMPLE_SEED = 0
@@ -122,12 +128,11 @@ class VectorGroup:
             return GroupHits(np.full((nq, max(k, 0)), -np.inf, dtype=np.float32),
                              np.full((nq, max(k, 0)), -1, dtype=np.int64))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        # FAISS picks its BLAS path when queries x dimension reaches one process-wide threshold;
-        # a thread searching another dimension at the same moment may see this value, which only
-        # changes how fast its candidates are scored (they are rescored exactly afterwards).
+        # The threshold is process-wide: a thread searching another dimension at the same moment
+        # may see this value, which only changes how fast its candidates are scored (they are
+        # rescored exactly afterwards).
         faiss.cvar.distance_compute_blas_threshold = (
-            FLAT_BLAS_MIN_QUERIES * self.dim if self._structure == "flat"
-            else _FAISS_BLAS_THRESHOLD)
+            flat_blas_threshold(self.dim) if self._structure == "flat" else _FAISS_BLAS_THRESHOLD)
         if len(self._slot_of) == self._size:
             scores, slots = self._index.search(queries, k, params=self._search_params(None))
         elif self._structure == "flat":
