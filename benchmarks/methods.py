@@ -30,7 +30,7 @@ import torch
 from compatkit.errors import MethodNotApplicableError
 from compatkit.eval import backfill_curve, flip_rates, retrieval_metrics
 from compatkit.eval.flips import top_k_correct
-from compatkit.eval.seeds import SeedStats, aggregate, claim_verdict, seed_stats
+from compatkit.eval.seeds import SeedStats, aggregate, claims_markdown, judge_claims
 from compatkit.feature_upgrade import apply_transformation
 from compatkit.inference import embed_images
 from compatkit.lab_demo import RECIPES, STAGES, TRANSFORM, recipe_tree, stage_method
@@ -244,13 +244,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean ± std of every column over the seeds and each claim's verdict (eval.seeds)."""
     rows = [_stats_json(aggregate([res["rows"][i] for res in results]))
             for i in range(len(results[0]["rows"]))]
-    per_seed = [claim_margins(res) for res in results]
-    claims = []
-    for claim in per_seed[0]:
-        margins = [m[claim] for m in per_seed]
-        stats = seed_stats(margins)
-        claims.append({"claim": claim, "margins": margins, "mean": stats.mean, "std": stats.std,
-                       "verdict": claim_verdict(margins)})
+    claims = judge_claims([claim_margins(res) for res in results])
     first = results[0]
     return {"dataset": first["dataset"], "scenario": first["scenario"],
             "seeds": [r["seed"] for r in results], "old_old": first["old_old"],
@@ -289,11 +283,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"| {r['method']} | {f(r['self']['map'])} | {f(r['cross']['map'])} | {tr} | "
             f"{f(r['self']['cmc@1'])} | {f(r['cross']['cmc@1'])} | {f(r['nfr_cross'])} | "
             f"{f(r['nfr_self'])} | {f(r['backfill_auc_map'])} | {f(r['backfill_max_nfr'])} |")
-    lines += ["", "| claim | margin per seed | mean ± std | verdict |", "|---|---|---|:---:|"]
-    for c in summary["claims"]:
-        margins = ", ".join(f"{m:+.4f}" for m in c["margins"])
-        lines.append(f"| {c['claim']} | {margins} | {c['mean']:+.4f} ± {c['std']:.4f} | "
-                     f"{c['verdict']} |")
+    lines += ["", *claims_markdown(summary["claims"])]
     return "\n".join(lines)
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from compatkit.lab_demo import (
+    DEMO_SIZES,
     RECIPES,
     STAGES,
     DemoBudget,
@@ -119,3 +121,46 @@ def test_demo_budget_applies_to_datasets_without_a_recipe(monkeypatch):
     assert (budget.train_per_class, budget.kept_images) == (20, 1400)
     assert plan_budget("synthetic", None, tiny, full=True).train_per_class is None
     assert plan_budget("synthetic", None, [*tiny, "train.epochs=2"]) is None  # the user sizes it
+
+
+def test_tuned_recipe_too_large_for_the_demo_is_sized_down(monkeypatch):
+    seen = {}
+
+    def pool(data, split):
+        seen["train_per_class"] = data.train_per_class
+        return SimpleNamespace(labels=np.repeat(np.arange(10), 5000))
+
+    monkeypatch.setattr("compatkit.lab_demo.evaluation_images", pool)
+    budget = plan_budget("cifar10", "../shared/data/cifar10")
+    assert seen["train_per_class"] is None  # sized on the whole pool, not the recipe's cap
+    assert budget == DemoBudget(50000, 5000, 500, 12, 20)
+    assert budget.overrides("old") == ["data.train_per_class=500", "train.epochs=20"]
+    assert budget.overrides("new") == ["data.train_per_class=500", "train.epochs=12"]
+    assert "20 epochs for the old model and 12 for the new ones" in budget.describe()
+    # the demo's CIFAR-10 stages resolve to the recipe with the demo's sizing on top
+    old = demo_config("cifar10", "r", "old", {"name": "independent"}, budget.overrides("old"))
+    bct = demo_config("cifar10", "r", "bct", {"name": "bct"}, budget.overrides("new"))
+    assert (old.data.train_per_class, old.train.epochs) == (500, 20)
+    assert (bct.data.train_per_class, bct.train.epochs) == (500, 12)
+    recipe = demo_config("cifar10", "r", "bct", {"name": "bct"})
+    assert (recipe.data.train_per_class, recipe.train.epochs) == (2000, 20)
+    assert plan_budget("cifar10", "r", full=True) is None  # --full: the recipe as it is
+    assert plan_budget("cifar10", "r", ["train.epochs=3"]) is None  # the user sizes it
+
+
+def test_demo_applies_its_sizing_per_side(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setitem(DEMO_SIZES, "synthetic",
+                        {"train_per_class": 4, "epochs": 1, "old_epochs": 2})
+    result = run_lab_demo(
+        "synthetic", None, tmp_path, progress=False, methods=("independent", "bct"),
+        overrides=["data.options={num_classes: 200, images_per_class: 6}",
+                   "data.image_size=16", "model.width=0.125", "train.batch_size=32"])
+    old = load_config(tmp_path / "old" / "config.yaml")
+    bct = load_config(tmp_path / "bct" / "config.yaml")
+    assert (old.train.epochs, old.data.train_per_class) == (2, 4)
+    assert (bct.train.epochs, bct.data.train_per_class) == (1, 4)
+    # 140 training classes × 6 images, capped at 4 per class
+    assert result.metrics["budget"] == {"pool_images": 840, "kept_images": 560,
+                                        "train_per_class": 4, "epochs": 1, "old_epochs": 2}
+    assert "at most 4 images per class (560 of 840" in result.report.read_text()

@@ -61,14 +61,16 @@ RECIPES: dict[str, dict[str, Any]] = {
         "train": {"epochs": 30},
     },
     "cifar10": {
-        "data": {"scenario": "extended_class", "old_ratio": 0.5, "train_per_class": 500},
-        "train": {"epochs": 12},
+        # RESULTS "CIFAR-10 recipe ablation": 500 → 2,000 images per class lifts independent
+        # new/new mAP 0.30 → 0.58; the BN neck that makes Omniglot costs CIFAR-10 0.10
+        "data": {"scenario": "extended_class", "old_ratio": 0.5, "train_per_class": 2000},
+        "train": {"epochs": 20},
     },
 }
 OLD_STAGE: dict[str, dict[str, Any]] = {
     "synthetic": {"train": {"epochs": 15}},
     "omniglot": {"train": {"epochs": 60}},  # RESULTS "Results at strength": 0.604 → 0.642
-    "cifar10": {"train": {"epochs": 20}},
+    "cifar10": {"train": {"epochs": 30}},
 }
 DEFAULT_RECIPE: dict[str, Any] = {"data": {"scenario": "extended_class"}, "train": {"epochs": 10}}
 # Where the shipped configs find each dataset, relative to the repository root.
@@ -82,7 +84,7 @@ DATASET_NOTES: dict[str, str] = {
                 "classes held out for open-set retrieval, the old model on 30 % of the remaining\n"
                 "classes, the new on all of them.",
     "cifar10": "CIFAR-10 (the FCT CIFAR shape): the old model on 5 of the 10 classes, the new on\n"
-               "all 10 (500 images per class), leave-one-out retrieval on the 10k test images.",
+               "all 10 (2,000 images per class), leave-one-out retrieval on the 10k test images.",
 }
 # Feature transformations train a small MLP with AdamW (the FCT reference's optimiser).
 TRANSFORM: dict[str, Any] = {
@@ -149,31 +151,44 @@ STAGES: dict[str, Stage] = {
 # 32 px) takes under 7 minutes on 2 cores (RESULTS §1), so this fits the 10-minute goal.
 BUDGET_IMAGES = 8_000
 BUDGET_MIN_PER_CLASS = 2
+# The demo's sizing of a tuned recipe too large for the 10-minute budget (``--full`` trains
+# the recipe as it is): CIFAR-10 at 500 images per class, old 20 / new 12 epochs, took 7.9 min
+# on 2 cores (RESULTS "The demo on every dataset").
+DEMO_SIZES: dict[str, dict[str, int]] = {
+    "cifar10": {"train_per_class": 500, "epochs": 12, "old_epochs": 20},
+}
 
 
 @dataclass(frozen=True)
 class DemoBudget:
-    """How the demo sizes its training: a cap per class (None: every image) and the epochs."""
+    """How the demo sizes its training: a cap per class (None: every image) and the epochs
+    (of the new models; ``old_epochs`` for the old one, None: the same)."""
 
     pool_images: int
     kept_images: int
     train_per_class: int | None
     epochs: int
+    old_epochs: int | None = None
 
-    def overrides(self) -> list[str]:
-        """``--set`` items that apply this budget (before the user's own)."""
+    def overrides(self, side: str = "new") -> list[str]:
+        """``--set`` items that apply this budget to a model of ``side`` (before the user's
+        own)."""
         cap = [] if self.train_per_class is None else [
             f"data.train_per_class={self.train_per_class}"]
-        return [*cap, f"train.epochs={self.epochs}"]
+        epochs = self.old_epochs if side == "old" and self.old_epochs is not None else \
+            self.epochs
+        return [*cap, f"train.epochs={epochs}"]
 
     def describe(self) -> str:
         """One line for the report: what was subsampled, and how to train on everything."""
         if self.train_per_class is None:
             return f"Training data: all {self.pool_images} training-pool images, " \
                    f"{self.epochs} epochs."
+        epochs = f"{self.epochs} epochs" if self.old_epochs is None else \
+            f"{self.old_epochs} epochs for the old model and {self.epochs} for the new ones"
         return (f"Training data: subsampled to at most {self.train_per_class} images per class "
                 f"({self.kept_images} of {self.pool_images} training-pool images), "
-                f"{self.epochs} epochs, to fit the 10-minute budget; `--full` trains on all.")
+                f"{epochs}, to fit the 10-minute budget; `--full` trains on all.")
 
 
 def demo_budget(labels: np.ndarray, *, epochs: int, max_images: int = BUDGET_IMAGES,
@@ -304,20 +319,23 @@ def run_lab_demo(
 ) -> DemoResult:
     """Train old → new models per method, evaluate every (query, gallery) pair, write a report.
 
-    A dataset without a tuned recipe is subsampled to the demo budget (``demo_budget``)
-    unless ``full``; ``overrides`` apply last."""
+    A dataset without a tuned recipe, or with one too large for the budget (``DEMO_SIZES``),
+    is subsampled to the demo budget (``plan_budget``) unless ``full``; ``overrides`` apply
+    last."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
     budget = plan_budget(dataset, root, overrides, full=full)
-    overrides = [*(budget.overrides() if budget else []), *overrides]
     progress_set = [f"train.progress={str(progress).lower()}"]
+
+    def stage_overrides(side: str) -> list[str]:
+        return [*(budget.overrides(side) if budget else []), *overrides, *progress_set]
+
     stages: dict[str, Path] = {}
     timings: dict[str, float] = {}
-    old_cfg = demo_config(dataset, root, "old", {"name": "independent"},
-                          [*overrides, *progress_set])
+    old_cfg = demo_config(dataset, root, "old", {"name": "independent"}, stage_overrides("old"))
     stages["old"] = _run_stage(old_cfg, out_dir / "old", timings)
     for name in methods:
-        cfg = demo_config(dataset, root, name, {"name": name}, [*overrides, *progress_set],
+        cfg = demo_config(dataset, root, name, {"name": name}, stage_overrides("new"),
                           old_dir=stages["old"])
         stages[name] = _run_stage(cfg, out_dir / name, timings)
 
@@ -351,14 +369,23 @@ def run_lab_demo(
 def plan_budget(dataset: str, root: str | None, overrides: Sequence[str] = (), *,
                 full: bool = False) -> DemoBudget | None:
     """The demo budget of ``dataset``, sized on the training pool of its recipe with
-    ``overrides`` applied; None for a tuned recipe or when ``overrides`` size the training
-    (``data.train_per_class`` or ``train.epochs``). ``full`` keeps every image."""
-    if dataset in RECIPES or any(o.startswith(("data.train_per_class", "train.epochs"))
-                                 for o in overrides):
+    ``overrides`` applied: ``DEMO_SIZES`` for a tuned recipe too large for the budget, None
+    for another tuned recipe or when ``overrides`` size the training (``data.train_per_class``
+    or ``train.epochs``). ``full`` keeps every image (a tuned recipe: the recipe as it is)."""
+    sized = DEMO_SIZES.get(dataset)
+    if (dataset in RECIPES and (sized is None or full)) or any(
+            o.startswith(("data.train_per_class", "train.epochs")) for o in overrides):
         return None
-    cfg = demo_config(dataset, root, "independent", {"name": "independent"}, overrides)
+    cfg = demo_config(dataset, root, "independent", {"name": "independent"},
+                      [*overrides, "data.train_per_class=null"])
     pool = evaluation_images(cfg.data, "train")
-    return demo_budget(pool.labels, epochs=cfg.train.epochs, max_images=BUDGET_IMAGES, full=full)
+    if sized is None:
+        return demo_budget(pool.labels, epochs=cfg.train.epochs, max_images=BUDGET_IMAGES,
+                           full=full)
+    counts = np.unique(pool.labels, return_counts=True)[1]
+    cap = sized["train_per_class"]
+    return DemoBudget(int(counts.sum()), int(np.minimum(counts, cap).sum()), cap,
+                      sized["epochs"], sized.get("old_epochs"))
 
 
 def backfill_curves(

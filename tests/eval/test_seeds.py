@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from compatkit.eval.seeds import SeedStats, aggregate, claim_verdict, seed_stats
+from compatkit.eval.seeds import (
+    SeedStats,
+    aggregate,
+    claim_verdict,
+    claims_markdown,
+    judge_claims,
+    seed_stats,
+)
 
 
 def test_seed_stats_by_hand() -> None:
@@ -51,7 +58,25 @@ def test_aggregate_nested_rows() -> None:
     assert agg["nfr"].mean == pytest.approx(0.15)
 
 
+def test_judge_claims_and_their_table() -> None:
+    per_seed = [{"a beats b": 0.03, "c beats d": -0.02}, {"c beats d": -0.03, "a beats b": 0.05}]
+    claims = judge_claims(per_seed)
+    assert [c["claim"] for c in claims] == ["a beats b", "c beats d"]
+    a, c = claims
+    assert a["margins"] == [0.03, 0.05] and a["mean"] == pytest.approx(0.04)
+    assert a["std"] == pytest.approx(0.02 / math.sqrt(2)) and a["verdict"] == "holds"
+    assert c["verdict"] == "reversed"
+    lines = claims_markdown(claims)
+    assert lines[0] == "| claim | margin per seed | mean ± std | verdict |"
+    assert lines[2] == "| a beats b | +0.0300, +0.0500 | +0.0400 ± 0.0141 | holds |"
+    assert judge_claims([{"x": 0.1}])[0]["verdict"] == "one seed"
+
+
 def test_bad_input_is_named() -> None:
+    with pytest.raises(ValueError, match="at least one seed"):
+        judge_claims([])
+    with pytest.raises(ValueError, match="seed 1 measured claims"):
+        judge_claims([{"a": 0.1}, {"b": 0.1}])
     with pytest.raises(ValueError, match="at least one"):
         seed_stats([])
     with pytest.raises(ValueError, match="finite"):

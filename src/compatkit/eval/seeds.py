@@ -89,3 +89,36 @@ def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         else:
             raise ValueError(f"{key!r} differs between seeds and is not a number: {values}")
     return out
+
+
+def judge_claims(per_seed: Sequence[Mapping[str, float]]) -> list[dict[str, Any]]:
+    """Claims measured once per seed (``{claim: margin}``, same claims for every seed) → one
+    record per claim: its margins, their mean and std, and the verdict.
+
+    Raises:
+        ValueError: no seeds, or seeds that measured different claims.
+    """
+    if not per_seed:
+        raise ValueError("judge_claims needs the margins of at least one seed")
+    names = list(per_seed[0])
+    for i, margins in enumerate(per_seed[1:], start=1):
+        if sorted(margins) != sorted(names):
+            raise ValueError(f"seed {i} measured claims {sorted(margins)}, expected "
+                             f"{sorted(names)}")
+    out = []
+    for name in names:
+        margins = [float(m[name]) for m in per_seed]
+        stats = seed_stats(margins)
+        out.append({"claim": name, "margins": margins, "mean": stats.mean, "std": stats.std,
+                    "verdict": claim_verdict(margins)})
+    return out
+
+
+def claims_markdown(claims: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``judge_claims``' records as the lines of a markdown table."""
+    lines = ["| claim | margin per seed | mean ± std | verdict |", "|---|---|---|:---:|"]
+    for c in claims:
+        margins = ", ".join(f"{m:+.4f}" for m in c["margins"])
+        lines.append(f"| {c['claim']} | {margins} | {c['mean']:+.4f} ± {c['std']:.4f} | "
+                     f"{c['verdict']} |")
+    return lines
