@@ -188,7 +188,7 @@ class DemoBudget:
             f"{self.old_epochs} epochs for the old model and {self.epochs} for the new ones"
         return (f"Training data: subsampled to at most {self.train_per_class} images per class "
                 f"({self.kept_images} of {self.pool_images} training-pool images), "
-                f"{epochs}, to fit the 10-minute budget; `--full` trains on all.")
+                f"{epochs}, to fit the 10-minute budget; `--full` trains without this sizing.")
 
 
 def demo_budget(labels: np.ndarray, *, epochs: int, max_images: int = BUDGET_IMAGES,
