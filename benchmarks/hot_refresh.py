@@ -98,14 +98,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, action="append", required=True,
                         help="a methods.py run folder; repeat once per new-model seed")
-    parser.add_argument("--old", type=Path, default=None,
-                        help="the old model's run folder (default: the first --runs/old)")
     parser.add_argument("--models", default="bct,contra,ract")
     parser.add_argument("--steps", type=int, default=21)
     parser.add_argument("--plots", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    old_model, _ = load_frozen((args.old or args.runs[0] / "old") / "model", "cpu")
+    old_model, _ = load_frozen(args.runs[0] / "old" / "model", "cpu")  # shared by every seed
     models = [m for m in args.models.split(",") if m]
     per_seed = [seed_curves(runs, old_model.classifier, models, args.steps)
                 for runs in args.runs]
