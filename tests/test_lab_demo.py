@@ -15,8 +15,11 @@ from compatkit.lab_demo import (
     RECIPES,
     STAGES,
     DemoBudget,
+    chance_map,
     demo_budget,
     demo_config,
+    demo_test_images,
+    largest_cap_per_class,
     plan_budget,
     run_lab_demo,
     stage_tree,
@@ -148,10 +151,41 @@ def test_tuned_recipe_too_large_for_the_demo_is_sized_down(monkeypatch):
     assert plan_budget("cifar10", "r", ["train.epochs=3"]) is None  # the user sizes it
 
 
+def test_largest_cap_per_class():
+    assert largest_cap_per_class(np.array([100, 5000, 5000]), 1000, 2) == 450
+    assert largest_cap_per_class(np.array([1000] * 10), 5000, 2) == 500
+    assert largest_cap_per_class(np.array([3, 3]), 100, 2) == 3  # everything fits
+    assert largest_cap_per_class(np.array([10] * 10), 5, 2) == 2  # never below the minimum
+
+
+def test_chance_map_is_each_query_share_of_its_class():
+    # 10 classes × 1,000 (CIFAR-10's test set): 999 of the 9,999 others
+    assert chance_map(np.repeat(np.arange(10), 1000)) == pytest.approx(999 / 9999)
+    # classes of 3 and 1: three queries at 2/3, one at 0 → 6 / 12
+    assert chance_map(np.array([0, 0, 0, 1])) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="at least 2"):
+        chance_map(np.array([3]))
+
+
+def test_demo_test_set_is_cut_to_its_budget():
+    cfg = demo_config("synthetic", None, "old", {"name": "independent"},
+                      ["data.options={num_classes: 100, images_per_class: 10}"])
+    whole, pool = demo_test_images(cfg.data, max_images=10_000)
+    assert len(whole) == pool == 300  # 30 held-out classes × 10
+    cut, pool = demo_test_images(cfg.data, max_images=100)
+    assert (len(cut), pool) == (90, 300)  # 3 per class is the largest cap that fits
+    assert set(np.unique(cut.labels, return_counts=True)[1]) == {3}
+    again, _ = demo_test_images(cfg.data, max_images=100)
+    np.testing.assert_array_equal(cut.images, again.images)  # drawn with the split seed
+    assert np.isin(cut.labels, whole.labels).all()
+    assert len(demo_test_images(cfg.data, full=True, max_images=100)[0]) == 300
+
+
 def test_demo_applies_its_sizing_per_side(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setitem(DEMO_SIZES, "synthetic",
                         {"train_per_class": 4, "epochs": 1, "old_epochs": 2})
+    monkeypatch.setattr("compatkit.lab_demo.BUDGET_TEST_IMAGES", 150)
     result = run_lab_demo(
         "synthetic", None, tmp_path, progress=False, methods=("independent", "bct"),
         overrides=["data.options={num_classes: 200, images_per_class: 6}",
@@ -164,3 +198,7 @@ def test_demo_applies_its_sizing_per_side(tmp_path, monkeypatch):
     assert result.metrics["budget"] == {"pool_images": 840, "kept_images": 560,
                                         "train_per_class": 4, "epochs": 1, "old_epochs": 2}
     assert "at most 4 images per class (560 of 840" in result.report.read_text()
+    # 60 test classes × 6 images cut to 2 per class: the matrix is measured on those 120
+    assert (result.metrics["test_images"], result.metrics["test_pool_images"]) == (120, 360)
+    assert "Subsampled from 360 test images" in result.report.read_text()
+    assert result.metrics["chance_map"] == pytest.approx(1 / 119)  # 1 of 119 others

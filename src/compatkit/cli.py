@@ -304,9 +304,9 @@ def demo(
     set_: SetOpt = [],  # noqa: B006
     progress: Annotated[bool, typer.Option(help="show training progress bars")] = True,
     full: Annotated[bool, typer.Option(
-        "--full", help="train on every image, or the tuned recipe as it is (the demo "
-                       "otherwise sizes its training to finish within about 10 minutes on "
-                       "2 cores)")] = False,
+        "--full", help="train on every image, or the tuned recipe as it is, and evaluate "
+                       "on the whole test set (the demo otherwise sizes both to finish "
+                       "within about 10 minutes on 2 cores)")] = False,
 ) -> None:
     """Lab demo: train an old model and new models (independent, l2, bct) and print the
     compatibility matrix; writes report.md, metrics.json and plots into the run folder."""
