@@ -231,16 +231,17 @@ def largest_cap_per_class(counts: np.ndarray, max_images: int, min_per_class: in
 def chance_map(labels: np.ndarray) -> float:
     """The mAP a random ranking scores in expectation, about: each leave-one-out query's share
     of its own class among the other images (``labels``: the test set's)."""
-    counts = np.unique(labels, return_counts=True)[1]
     if len(labels) < 2:
         raise ValueError(f"chance_map needs at least 2 images, got {len(labels)}")
+    counts = np.unique(labels, return_counts=True)[1]
     return float((counts * (counts - 1)).sum() / (len(labels) * (len(labels) - 1)))
 
 
-def demo_test_images(data: DataConfig, *, full: bool = False,
-                     max_images: int = BUDGET_TEST_IMAGES) -> tuple[ImageDataset, int]:
+def demo_test_images(data: DataConfig, *, max_images: int,
+                     full: bool = False) -> tuple[ImageDataset, int]:
     """The demo's retrieval set and the size of the whole test set: the test set, cut to at
-    most ``max_images`` by the same cap per class (drawn with the split seed) unless ``full``."""
+    most ``max_images`` by the same cap per class (at least 2, so every leave-one-out query
+    keeps a positive; drawn with the split seed) unless ``full``."""
     test = evaluation_images(data, "test")
     if full or len(test) <= max_images:
         return test, len(test)
@@ -376,7 +377,7 @@ def run_lab_demo(
                           old_dir=stages["old"])
         stages[name] = _run_stage(cfg, out_dir / name, timings)
 
-    test, test_pool = demo_test_images(old_cfg.data, full=full, max_images=BUDGET_TEST_IMAGES)
+    test, test_pool = demo_test_images(old_cfg.data, max_images=BUDGET_TEST_IMAGES, full=full)
     feats: dict[str, np.ndarray] = {}
     for name, artifact in stages.items():
         model, manifest = load_frozen(artifact, "cpu")
